@@ -1,0 +1,41 @@
+# Workernator. `make demo` and `make test` work on a fresh Debian/Ubuntu machine as root:
+# they install what they need themselves (Debian packages, a .venv with the project).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
+
+.PHONY: all venv lint test test-unit proto proto-check buf-lint demo clean
+
+all: test
+
+# The virtualenv with the project and its dev tools. Rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "installing python3 (3.11+ needed)"; $(APT) update && $(APT) install python3 python3-venv; }
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  $(APT) update && $(APT) install python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest -q -ra
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -ra tests/unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

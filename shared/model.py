@@ -1,0 +1,66 @@
+"""The job model both processes agree on: states, status records and output chunks."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    """Lifecycle states of design section 5."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"  # exited 0
+    FAILED = "FAILED"  # non-zero exit, killed by a signal, or could not start
+    STOPPED = "STOPPED"  # stopped by a user
+
+    @property
+    def finished(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+class Stream(enum.IntEnum):
+    STDOUT = 1
+    STDERR = 2
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    cpu_ns: int = 0
+    peak_memory_bytes: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    type: str
+    args: Mapping[str, Any]
+    owner: str
+    state: JobState
+    created_ns: int
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str = ""
+    oom_killed: bool = False
+    usage: JobUsage = field(default_factory=JobUsage)
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """One record of a job's output file.
+
+    ``offset`` is where the record starts in the file and ``next_offset`` where the next one
+    starts: a reader that reconnects resumes from the ``next_offset`` of the last chunk it saw.
+    """
+
+    offset: int
+    next_offset: int
+    timestamp_ns: int
+    stream: Stream
+    data: bytes

@@ -1,0 +1,151 @@
+"""Shared test fixtures: an in-process job manager, a runner daemon, privileged-test policy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from workernator_runner.config import RunnerConfig
+from workernator_runner.jobs import load_registry
+from workernator_runner.manager import JobManager
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PROBE_MODULE = "tests.probe_jobs"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("privileged") and os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Under CI=true a skipped privileged test is a failure: CI must exercise them."""
+    if IN_CI and report.skipped and "privileged" in report.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"privileged test skipped under CI=true: {report.longrepr}"
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A short directory path: Unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    path = short_tmpdir("wn-state-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def runner_config(state_dir: Path) -> RunnerConfig:
+    return RunnerConfig(
+        socket=state_dir / "runner.sock",
+        socket_group="",
+        state_dir=state_dir,
+        stop_grace_seconds=1.0,
+        job_modules=(PROBE_MODULE,),
+    )
+
+
+@pytest.fixture
+async def manager(runner_config: RunnerConfig) -> AsyncIterator[JobManager]:
+    m = JobManager(runner_config, load_registry(runner_config.job_modules))
+    await m.open()
+    try:
+        yield m
+    finally:
+        for job in m.list():
+            if not job.state.finished:
+                await m.stop(job.id)
+        await m.close()
+
+
+def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
+    modules = ", ".join(f'"{m}"' for m in cfg.job_modules)
+    path.write_text(
+        "[runner]\n"
+        f'socket = "{cfg.socket}"\n'
+        f'socket_group = "{cfg.socket_group}"\n'
+        f'state_dir = "{cfg.state_dir}"\n'
+        f"stop_grace_seconds = {cfg.stop_grace_seconds}\n"
+        f"job_modules = [{modules}]\n"
+        f"allowed_uids = [{', '.join(str(u) for u in sorted(cfg.allowed_uids))}]\n"
+    )
+
+
+@dataclass
+class Daemon:
+    """A ``workernator-runner`` process of the test's own, restartable."""
+
+    config: RunnerConfig
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workernator_runner.daemon", "--config", str(self.config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while not self.config.socket.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"runner exited: {self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("runner did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        self.process = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+@pytest.fixture
+def daemon(runner_config: RunnerConfig, state_dir: Path) -> Iterator[Daemon]:
+    config_path = state_dir / "runner.toml"
+    write_runner_config(runner_config, config_path)
+    d = Daemon(runner_config, config_path, state_dir / "runner.log")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        _stop_leftover_jobs(runner_config)
+
+
+def _stop_leftover_jobs(cfg: RunnerConfig) -> None:
+    """Stop jobs a test left running, through a manager of our own."""
+
+    async def stop_all() -> None:
+        async with JobManager(cfg, load_registry(cfg.job_modules)) as m:
+            for job in m.list():
+                if not job.state.finished:
+                    await m.stop(job.id)
+
+    asyncio.run(stop_all())

@@ -1,0 +1,45 @@
+"""Helpers for tests that run jobs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from shared.model import JobStatus, OutputChunk, Stream
+from workernator_runner.manager import JobManager
+
+
+async def collect(m: JobManager, job_id: str, **kw: Any) -> list[OutputChunk]:
+    return [chunk async for chunk in m.read_output(job_id, **kw)]
+
+
+def joined(chunks: list[OutputChunk], stream: Stream | None = Stream.STDOUT) -> bytes:
+    return b"".join(c.data for c in chunks if stream is None or c.stream == stream)
+
+
+async def run_job(
+    m: JobManager, job_type: str, args: Mapping[str, Any] | None = None, owner: str = "alice"
+) -> tuple[JobStatus, bytes, bytes]:
+    """Start a job, read its output to the end, and return (final status, stdout, stderr)."""
+    started = await m.start(job_type, args or {}, owner)
+    chunks = await collect(m, started.id)
+    return m.status(started.id), joined(chunks), joined(chunks, Stream.STDERR)
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
+
+
+def alive_pids(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if not process_gone(pid)]
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

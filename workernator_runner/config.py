@@ -1,0 +1,125 @@
+"""Runner configuration, read from TOML. Every setting has a documented default.
+
+Example (``/etc/workernator/runner.toml``)::
+
+    [runner]
+    socket = "/run/workernator/runner.sock"  # the Unix socket the api connects to
+    socket_group = "workernator"             # group owning the socket ("" = root's group)
+    socket_mode = "0660"                     # permissions of the socket
+    allowed_uids = [0]                       # peers (SO_PEERCRED uid) allowed to connect
+    allowed_users = ["workernator"]          # the same, by user name
+    state_dir = "/var/lib/workernator"       # jobs/<id>/{job.json,state.json,output}
+    stop_grace_seconds = 5.0                 # SIGTERM, then this long, then SIGKILL
+    job_modules = []                         # extra job types: modules with a JOBS list
+    log_level = "info"                       # debug, info, warning, error
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/workernator/runner.toml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    socket: Path = Path("/run/workernator/runner.sock")
+    socket_group: str = "workernator"
+    socket_mode: int = 0o660
+    allowed_uids: frozenset[int] = frozenset({0})
+    state_dir: Path = Path("/var/lib/workernator")
+    stop_grace_seconds: float = 5.0
+    job_modules: tuple[str, ...] = ()
+    log_level: str = "info"
+    allowed_users: tuple[str, ...] = field(default=())
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    def socket_gid(self) -> int | None:
+        if not self.socket_group:
+            return None
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group: no group named {self.socket_group!r}") from None
+
+    def peer_uids(self) -> frozenset[int]:
+        uids = set(self.allowed_uids)
+        for name in self.allowed_users:
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                raise ConfigError(f"allowed_users: no user named {name!r}") from None
+        return frozenset(uids)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{key}: expected {kind}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def parse(data: dict[str, Any]) -> RunnerConfig:
+    unknown_sections = set(data) - {"runner"}
+    if unknown_sections:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown_sections))}")
+    section = data.get("runner", {})
+    known = set(RunnerConfig.__dataclass_fields__)
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"[runner]: unknown key(s): {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {}
+    for key, value in section.items():
+        name = f"runner.{key}"
+        if key in ("socket", "state_dir"):
+            path = Path(_expect(value, str, name))
+            if not path.is_absolute():
+                raise ConfigError(f"{name}: must be an absolute path")
+            kw[key] = path
+        elif key == "socket_mode":
+            try:
+                mode = int(_expect(value, str, name), 8)
+            except ValueError:
+                raise ConfigError(f'{name}: expected an octal string like "0660"') from None
+            if mode & ~0o777 or mode & 0o007:
+                raise ConfigError(f"{name}: must give no permissions to others, got {value}")
+            kw[key] = mode
+        elif key == "allowed_uids":
+            uids = _expect(value, list, name)
+            kw[key] = frozenset(_expect(u, int, name) for u in uids)
+        elif key in ("job_modules", "allowed_users"):
+            kw[key] = tuple(_expect(m, str, name) for m in _expect(value, list, name))
+        elif key == "stop_grace_seconds":
+            grace = float(_expect(value, (int, float), name))
+            if not 0 <= grace <= 3600:
+                raise ConfigError(f"{name}: must be between 0 and 3600")
+            kw[key] = grace
+        elif key == "log_level":
+            level = _expect(value, str, name).lower()
+            if level not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"{name}: must be debug, info, warning or error")
+            kw[key] = level
+        else:
+            kw[key] = _expect(value, str, name)
+    return RunnerConfig(**kw)
+
+
+def load(path: Path) -> RunnerConfig:
+    try:
+        with path.open("rb") as f:
+            return parse(tomllib.load(f))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

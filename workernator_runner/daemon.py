@@ -1,0 +1,278 @@
+"""``workernator-runner``: serves the job manager on a Unix socket (design sections 2 and 4).
+
+Each connection is checked with SO_PEERCRED against the allowed uids, then speaks the runner
+protocol of :mod:`shared.protocol`. Requests on one connection run concurrently; a malformed
+frame gets an error frame and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from shared import protocol as p
+from shared.errors import ErrorCode, WorkernatorError
+from shared.model import OutputChunk
+from workernator_runner import config as config_mod
+from workernator_runner import log
+from workernator_runner.manager import JobManager
+
+MAX_REQUESTS_PER_CONNECTION = 256
+MAX_CONNECTIONS = 512
+SOFTWARE = "workernator-runner 0.1"
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return pid, uid, gid
+
+
+class _Session:
+    """One client connection: reads frames, runs requests, writes replies."""
+
+    def __init__(
+        self, manager: JobManager, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.manager = manager
+        self.reader = reader
+        self.writer = writer
+        self.conn = p.Connection(p.Role.SERVER)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def send(self, message: p.ServerMessage) -> None:
+        self.writer.write(self.conn.send(message))
+        await self.writer.drain()
+
+    async def run(self) -> None:
+        await self.send(p.Hello(software=SOFTWARE))
+        try:
+            while True:
+                data = await self.reader.read(64 * 1024)
+                if not data:
+                    self.conn.receive_eof()
+                    return
+                self.conn.receive_data(data)
+                while (message := self.conn.next_message()) is not None:
+                    self.dispatch(message)
+        except p.ProtocolError as exc:
+            log.warning("protocol error; closing connection", error=exc.message)
+            with contextlib.suppress(ConnectionError):
+                await self.send(
+                    p.ErrorReply(exc.request_id, ErrorCode.INVALID_ARGUMENT, exc.message)
+                )
+        finally:
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    def dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Cancel):
+            task = self.tasks.get(message.id)
+            if task is not None:
+                task.cancel()
+            return
+        if not isinstance(message, p.Request):
+            raise p.ProtocolError(f"unexpected {type(message).__name__} message")
+        if message.id in self.tasks:
+            raise p.ProtocolError(f"request id {message.id} is already in use", message.id)
+        if len(self.tasks) >= MAX_REQUESTS_PER_CONNECTION:
+            self.writer.write(
+                self.conn.send(
+                    p.ErrorReply(
+                        message.id,
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"more than {MAX_REQUESTS_PER_CONNECTION} requests in flight",
+                    )
+                )
+            )
+            return
+        task = asyncio.create_task(self.handle(message))
+        self.tasks[message.id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(message.id, None))
+
+    async def handle(self, request: p.Request) -> None:
+        try:
+            await self.execute(request)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(p.End(request.id))
+            raise
+        except WorkernatorError as exc:
+            await self._try_send(p.ErrorReply(request.id, exc.code, exc.message))
+        except ConnectionError:
+            pass
+        except Exception as exc:
+            log.error("request failed", op=request.op.value, error=repr(exc))
+            await self._try_send(p.ErrorReply(request.id, ErrorCode.INTERNAL, "internal error"))
+
+    async def _try_send(self, message: p.ServerMessage) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.send(message)
+
+    async def execute(self, request: p.Request) -> None:
+        m, args, rid = self.manager, request.args, request.id
+        if isinstance(args, p.StartArgs):
+            job = await m.start(args.job_type, args.args, owner=request.caller.user)
+            await self.send(p.JobReply(rid, job))
+        elif isinstance(args, p.JobRef) and request.op is p.Op.STOP:
+            job = await m.stop(args.job_id)
+            log.info("job stopped", job=args.job_id, by=request.caller.user)
+            await self.send(p.JobReply(rid, job))
+        elif isinstance(args, p.JobRef):
+            await self.send(p.JobReply(rid, m.status(args.job_id)))
+        elif isinstance(args, p.TypesArgs):
+            await self.send(p.TypesReply(rid, [j.spec.describe() for j in m.registry.values()]))
+        elif isinstance(args, p.ListArgs):
+            jobs = m.list(owner=args.owner)
+            for start in range(0, len(jobs), 1000):
+                await self.send(p.JobsItem(rid, jobs[start : start + 1000]))
+            await self.send(p.End(rid))
+        elif isinstance(args, p.TailArgs):
+            batches = m.read_output_batches(
+                args.job_id, follow=args.follow, from_=args.offset, last=args.last
+            )
+            await self._stream(rid, batches)
+
+    async def _stream(self, rid: int, batches: AsyncIterator[list[OutputChunk]]) -> None:
+        async for batch in batches:
+            await self.send(p.OutputItem(rid, batch))
+        await self.send(p.End(rid))
+
+
+class Server:
+    """The daemon: a job manager behind a Unix socket."""
+
+    def __init__(self, cfg: config_mod.RunnerConfig, manager: JobManager | None = None) -> None:
+        self.config = cfg
+        self.manager = manager if manager is not None else JobManager(cfg)
+        self.allowed_uids = cfg.peer_uids()
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.manager.open()
+        path = self.config.socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _remove_stale_socket(path)
+        gid = self.config.socket_gid()
+        old_umask = os.umask(0o777 & ~self.config.socket_mode)  # born with the right mode
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+        finally:
+            os.umask(old_umask)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, self.config.socket_mode)
+        log.info("runner listening", socket=str(path), allowed_uids=sorted(self.allowed_uids))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket.unlink()
+        await self.manager.close()
+        log.info("runner stopped")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, uid, _gid = peer_credentials(sock)
+        if uid not in self.allowed_uids:
+            log.warning("refused connection", peer_pid=pid, peer_uid=uid)
+            message = p.ErrorReply(None, ErrorCode.FAILED_PRECONDITION, f"uid {uid} is not allowed")
+            writer.write(p.encode_frame(message))
+            return
+        if len(self._connections) > MAX_CONNECTIONS:
+            message = p.ErrorReply(None, ErrorCode.RESOURCE_EXHAUSTED, "too many connections")
+            writer.write(p.encode_frame(message))
+            return
+        await _Session(self.manager, reader, writer).run()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise config_mod.ConfigError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink()  # left behind by a runner that did not shut down cleanly
+        return
+    finally:
+        probe.close()
+    raise config_mod.ConfigError(f"another runner is already listening on {path}")
+
+
+async def serve(cfg: config_mod.RunnerConfig) -> None:
+    server = Server(cfg)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down; running jobs go on")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="workernator-runner",
+        description="The Workernator runner: runs jobs for the api over a Unix socket (root).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML config file (default: {config_mod.DEFAULT_PATH} if it exists)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.config is not None:
+            cfg = config_mod.load(args.config)
+        elif config_mod.DEFAULT_PATH.exists():
+            cfg = config_mod.load(config_mod.DEFAULT_PATH)
+        else:
+            cfg = config_mod.RunnerConfig()
+        log.setup(cfg.log_level)
+        asyncio.run(serve(cfg))
+    except (config_mod.ConfigError, OSError) as exc:
+        print(f"workernator-runner: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

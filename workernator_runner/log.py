@@ -1,0 +1,58 @@
+"""Structured log lines on stderr: ``ts=... level=info msg="job started" job=XE38YM``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("workernator.runner")
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and all(c.isalnum() or c in "-_./:@" for c in text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={ts}.{int(record.msecs):03d}Z",
+            f"level={record.levelname.lower()}",
+            f"msg={_quote(record.getMessage())}",
+        ]
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+        if record.exc_info:
+            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def setup(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger("workernator")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def event(level: int, message: str, **fields: object) -> None:
+    logger.log(level, message, extra={"fields": fields})
+
+
+def info(message: str, **fields: object) -> None:
+    event(logging.INFO, message, **fields)
+
+
+def warning(message: str, **fields: object) -> None:
+    event(logging.WARNING, message, **fields)
+
+
+def error(message: str, **fields: object) -> None:
+    event(logging.ERROR, message, **fields)
