@@ -7,8 +7,9 @@ on the standard library: Python's ``eval``, ``compile`` and ``ast`` are never us
 Grammar (EBNF, lowest precedence first)::
 
     expression = product { ("+" | "-") product } ;
-    product    = signed { ("*" | "/" | "%") signed | implicit } ;
-    implicit   = power ;            (* only when the power starts with a name or "(" *)
+    product    = term { ("*" | "/" | "%") term } ;
+    term       = signed { power } ;  (* implicit multiplication: the power starts with a name
+                                        or "(" *)
     signed     = ("+" | "-") signed | power ;
     power      = primary [ "^" signed ] ;
     primary    = NUMBER
@@ -20,9 +21,10 @@ Grammar (EBNF, lowest precedence first)::
     NUMBER     = ( digits [ "." digits ] | "." digits ) [ ("e" | "E") [ "+" | "-" ] digits ] ;
     NAME       = letter-or-underscore { letter-or-underscore | digit } ;   (* ASCII only *)
 
-So ``+ -`` bind loosest and associate to the left; ``* / %`` and implicit multiplication share the
-next level and associate to the left (``6 / 2x`` is ``(6 / 2) * x``, ``2x * 3y`` is
-``((2 * x) * 3) * y``); signs come next (``-2x`` is ``(-2) * x``); ``^`` binds tightest and
+So ``+ -`` bind loosest and associate to the left; ``* / %`` come next, also to the left;
+implicit multiplication binds tighter than they do, as in written mathematics (``6 / 2x`` is
+``6 / (2 * x)``, ``2x * 3y`` is ``(2 * x) * (3 * y)``); signs come next (``-2x`` is
+``(-2) * x``); ``^`` binds tightest and
 associates to the right, and its exponent may carry a sign: ``-2^2`` is -4, ``2^3^2`` is 512,
 ``2^-1`` is 0.5, ``2x^2`` is ``2 * (x ^ 2)``. Whitespace between tokens is ignored.
 
@@ -392,7 +394,8 @@ Node: TypeAlias = Number | Constant | Variable | Unary | Binary | Call
 # Binding powers: how tightly an operator holds its left operand. A right operand is parsed with
 # the operator's own power (left associative) or one less (right associative, for "^").
 _SUM = 10
-_PRODUCT = 20  # also implicit multiplication
+_PRODUCT = 20
+_IMPLICIT = 25  # implicit multiplication binds tighter than * / %: 6 / 2x is 6 / (2 * x)
 _SIGN = 30
 _POWER = 40
 _BINDING_POWER = {"+": _SUM, "-": _SUM, "*": _PRODUCT, "/": _PRODUCT, "%": _PRODUCT, "^": _POWER}
@@ -481,9 +484,9 @@ class _Parser:
                 right = self._operand(right_power, token)
                 left = self._checked(Binary(token.text, left, right), token)
             elif token.kind in (_Kind.NAME, _Kind.LEFT):
-                if min_power >= _PRODUCT:
+                if min_power >= _IMPLICIT:
                     return left
-                right = self._operand(_PRODUCT, token)  # implicit multiplication
+                right = self._operand(_IMPLICIT, token)  # implicit multiplication
                 left = self._checked(Binary("*", left, right), token)
             else:
                 return left

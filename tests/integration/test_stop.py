@@ -1,0 +1,88 @@
+"""Stopping jobs: SIGTERM, grace, then kill the whole process group."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shared.model import JobState
+from tests.helpers import alive_pids, collect, joined, process_gone
+from workernator_runner.manager import JobManager
+
+
+async def _first_lines(m: JobManager, job_id: str, count: int) -> list[str]:
+    lines: list[str] = []
+    buf = b""
+    async for chunk in m.read_output(job_id):
+        buf += chunk.data
+        lines = buf.decode().splitlines()
+        if len(lines) >= count and buf.endswith(b"\n"):
+            break
+    return lines
+
+
+async def test_stop_a_job_that_ignores_sigterm_kills_it_after_the_grace_period(
+    manager: JobManager,
+) -> None:
+    job = await manager.start("stubborn", {}, "alice")
+    (line,) = await _first_lines(manager, job.id, 1)  # it has set SIG_IGN by now
+    pid = int(line.split()[1])
+    t0 = time.monotonic()
+    stopped = await manager.stop(job.id)
+    took = time.monotonic() - t0
+    assert stopped.state is JobState.STOPPED
+    assert stopped.signal == 9  # SIGTERM was ignored; the kill after the grace period did it
+    assert manager.config.stop_grace_seconds <= took < manager.config.stop_grace_seconds + 2
+    assert process_gone(pid)
+
+
+async def test_stop_kills_children_and_grandchildren(manager: JobManager) -> None:
+    job = await manager.start("forker", {"children": 3}, "alice")
+    lines = await _first_lines(manager, job.id, 6)
+    pids = [int(line.split()[1]) for line in lines]
+    assert len(pids) == 6
+    assert alive_pids(pids) == pids
+    stopped = await manager.stop(job.id)
+    assert stopped.state is JobState.STOPPED
+    assert stopped.signal == 15
+    assert alive_pids(pids) == []  # the grandchildren ignored SIGTERM and were killed too
+
+
+async def test_leftover_children_die_when_the_main_process_ends(manager: JobManager) -> None:
+    job = await manager.start("forker", {"children": 2, "seconds": 0.3}, "alice")
+    out = joined(await collect(manager, job.id))
+    pids = [int(line.split()[1]) for line in out.decode().splitlines()]
+    status = manager.status(job.id)
+    assert status.state is JobState.COMPLETED
+    assert alive_pids(pids) == []
+
+
+async def test_stop_twice_and_stop_of_a_finished_job_are_not_errors(
+    manager: JobManager,
+) -> None:
+    job = await manager.start("drip", {"count": 1, "interval": 60}, "alice")
+    first = await manager.stop(job.id)
+    second = await manager.stop(job.id)
+    assert first == second
+    assert first.state is JobState.STOPPED
+
+    done = await manager.start("noop", {}, "alice")
+    await collect(manager, done.id)
+    assert (await manager.stop(done.id)).state is JobState.COMPLETED
+
+
+async def test_concurrent_stops_all_return_the_final_status(manager: JobManager) -> None:
+    job = await manager.start("stubborn", {}, "alice")
+    await _first_lines(manager, job.id, 1)
+    results = await asyncio.gather(*(manager.stop(job.id) for _ in range(5)))
+    assert all(r.state is JobState.STOPPED for r in results)
+    assert len({r.ended_ns for r in results}) == 1
+
+
+async def test_readers_end_when_the_job_is_stopped(manager: JobManager) -> None:
+    job = await manager.start("drip", {"count": 1, "interval": 60}, "alice")
+    readers = [asyncio.create_task(collect(manager, job.id)) for _ in range(5)]
+    await asyncio.sleep(0.2)
+    await manager.stop(job.id)
+    results = await asyncio.wait_for(asyncio.gather(*readers), 5)
+    assert all(joined(r) == b"line 0" for r in results)
