@@ -30,6 +30,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	PYTHON=$(BIN)/python bash scripts/check_proto.sh
+
+# Regenerate workernator_api/_proto from proto/ (pinned grpcio-tools); commit the result.
+proto: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gen_proto.sh
+
+proto-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/check_proto.sh
+
+# buf lint of the proto (buf comes from the npm registry, into .buf/).
+buf-lint:
+	@command -v npm >/dev/null || { $(APT) update && $(APT) install npm; }
+	bash scripts/buf_lint.sh
 
 test: lint
 	$(BIN)/pytest -q -ra

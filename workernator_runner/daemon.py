@@ -79,6 +79,8 @@ class _Session:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
     def dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Hello):  # the codec checked it is first and of our version
+            return
         if isinstance(message, p.Cancel):
             task = self.tasks.get(message.id)
             if task is not None:

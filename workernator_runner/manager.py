@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +285,7 @@ class JobManager:
         follow: bool = True,
         from_: int | None = None,
         last: int | None = None,
-    ) -> AsyncIterator[OutputChunk]:
+    ) -> AsyncGenerator[OutputChunk, None]:
         """The job's output from the first byte (or ``from_``, or the ``last`` N lines).
 
         With ``follow``, waits for more until the job has ended and every byte was read.
@@ -302,7 +302,7 @@ class JobManager:
         from_: int | None = None,
         last: int | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
-    ) -> AsyncIterator[builtins.list[OutputChunk]]:
+    ) -> AsyncGenerator[builtins.list[OutputChunk], None]:
         """Like :meth:`read_output`, in batches of up to about ``max_bytes`` of data."""
         job = self._get(job_id)
         path = job.dir / store.OUTPUT_FILE

@@ -28,7 +28,9 @@ def fib_output(position: int, value: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize(("position", "value"), [(1, "0"), (2, "1"), (3, "1"), (4, "2"), (10, "34")])
+@pytest.mark.parametrize(
+    ("position", "value"), [(1, "0"), (2, "1"), (3, "1"), (4, "2"), (10, "34")]
+)
 async def test_fib_small_positions_exact_output(
     manager: JobManager, position: int, value: str
 ) -> None:
@@ -93,7 +95,9 @@ async def test_eval_exact_output(
 
 
 async def test_eval_division_by_zero_fails_with_clear_error(manager: JobManager) -> None:
-    status, out, err = await run_job(manager, "eval", {"expression": "1 / (x - 2)", "variables": {"x": 2}})
+    status, out, err = await run_job(
+        manager, "eval", {"expression": "1 / (x - 2)", "variables": {"x": 2}}
+    )
     assert status.state is JobState.FAILED
     assert status.exit_code == 1
     assert err == b"[ERROR] Cannot evaluate: division by zero\n"
@@ -131,7 +135,11 @@ async def test_eval_bad_input_rejected_at_start_leaving_nothing(
         ("fib", {}, "argument 'position' is required"),
         ("fib", {"position": 3, "extra": 1}, "job 'fib' has no argument 'extra'"),
         ("wait", {"seconds": -1, "url": "http://x/"}, "argument 'seconds': must be at least 0"),
-        ("wait", {"seconds": 1, "url": "ftp://x/"}, "argument 'url': must be an http:// or https://"),
+        (
+            "wait",
+            {"seconds": 1, "url": "ftp://x/"},
+            "argument 'url': must be an http:// or https://",
+        ),
         ("wait", {"seconds": 1, "url": "http://"}, "argument 'url': has no host"),
         ("noop", {"x": 1}, "job 'noop' has no argument 'x'"),
         ("rm-rf", {}, "unknown job type 'rm-rf'"),
@@ -172,9 +180,7 @@ s.serve_forever()
 @pytest.fixture
 def http_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A local HTTP server in a process of its own that records the requests it gets."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
     yield f"http://127.0.0.1:{port}", proc
@@ -228,7 +234,7 @@ async def test_wait_request_failure_is_a_clear_error(manager: JobManager, tmp_pa
 
 
 async def test_a_job_that_raises_fails_with_an_error_line(manager: JobManager) -> None:
-    status, out, err = await run_job(manager, "fail", {"crash": 1})
+    status, _out, err = await run_job(manager, "fail", {"crash": 1})
     assert status.state is JobState.FAILED
     assert err == b"[ERROR] The job crashed: RuntimeError: boom\n"
     assert status.error == "exited with status 1"

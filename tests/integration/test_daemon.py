@@ -1,0 +1,246 @@
+"""The runner daemon over its Unix socket: protocol, peers, restarts, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+
+import msgpack
+import pytest
+
+from shared import protocol as p
+from shared.errors import InvalidArgument, NotFound
+from shared.model import JobState
+from tests.conftest import Daemon
+from tests.helpers import process_gone
+from workernator_api.runner_client import RunnerClient, RunnerUnavailable
+
+USER = ("alice", "user")
+
+
+async def _tail_all(client: RunnerClient, job_id: str) -> bytes:
+    out = bytearray()
+    async for batch in client.tail(*USER, job_id):
+        for chunk in batch:
+            out += chunk.data
+    return bytes(out)
+
+
+async def test_start_tail_status_list_types_over_the_socket(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "fib", {"position": 10})
+        assert job.owner == "alice"
+        out = await _tail_all(client, job.id)
+        assert b"[RESULT] 34\n" in out
+        status = await client.status(*USER, job.id)
+        assert status.state is JobState.COMPLETED
+        other = await client.start("bob", "user", "noop", {})
+        assert [j.id for j in await client.list_jobs(*USER)] == [job.id, other.id]
+        assert [j.id for j in await client.list_jobs(*USER, owner="bob")] == [other.id]
+        types = {t["name"]: t for t in await client.types(*USER)}
+        assert {"noop", "fib", "eval", "wait"} <= set(types)
+        assert types["fib"]["args"][0]["name"] == "position"
+        with pytest.raises(InvalidArgument, match="argument 'position'"):
+            await client.start(*USER, "fib", {"position": -1})
+        with pytest.raises(NotFound):
+            await client.status(*USER, "NOPE00")
+
+
+def _raw_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def _read_frames(s: socket.socket) -> list[dict[str, object]]:
+    """Every frame until the runner closes the connection."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    frames = []
+    while data:
+        (length,) = struct.unpack(">I", data[:4])
+        frames.append(msgpack.unpackb(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return frames
+
+
+HELLO = p.encode_frame(p.Hello())
+
+
+def _frame(obj: object) -> bytes:
+    body: bytes = msgpack.packb(obj)
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (struct.pack(">I", 10_000_000), "exceeds"),
+        (_frame({"type": "request", "id": 1, "op": "rm", "caller": {}, "args": {}}), "op"),
+        (_frame({"type": "request", "id": "one"}), "expected an integer"),
+        (_frame([1, 2]), "must hold a map"),
+        (struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1", "not valid msgpack"),
+        (_frame({"type": "request", "id": 1})[:-2], "middle of a frame"),
+    ],
+    ids=["oversized", "unknown-op", "wrong-type", "not-a-map", "garbage", "truncated"],
+)
+async def test_malformed_frames_get_an_error_and_the_daemon_keeps_serving(
+    daemon: Daemon, payload: bytes, error: str
+) -> None:
+    def exchange() -> list[dict[str, object]]:
+        with _raw_connect(str(daemon.config.socket)) as s:
+            s.sendall(HELLO + payload)
+            s.shutdown(socket.SHUT_WR)
+            return _read_frames(s)
+
+    frames = await asyncio.to_thread(exchange)
+    assert frames[0]["type"] == "hello"
+    assert frames[-1]["type"] == "error"
+    assert frames[-1]["code"] == "invalid_argument"
+    assert error in str(frames[-1]["message"])
+    # and the daemon still serves a well-behaved client
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "noop", {})
+        assert (await client.status(*USER, job.id)).id == job.id
+
+
+async def test_many_requests_interleave_on_one_connection(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "drip", {"count": 20, "interval": 0.01})
+        tails = [_tail_all(client, job.id) for _ in range(20)]
+        statuses = [client.status(*USER, job.id) for _ in range(20)]
+        results = await asyncio.gather(*tails, *statuses)
+        outputs = results[:20]
+        assert len(set(outputs)) == 1
+        assert outputs[0] == b"\n".join(b"line %d" % i for i in range(20))
+
+
+async def test_leaving_a_tail_early_cancels_it_on_the_runner(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "drip", {"count": 1, "interval": 60})
+        async for _ in client.tail(*USER, job.id):
+            break  # the generator's cleanup sends cancel
+        # the connection is still healthy for other requests
+        assert (await client.status(*USER, job.id)).state is JobState.RUNNING
+        stopped = await client.stop(*USER, job.id)
+        assert stopped.state is JobState.STOPPED
+
+
+@pytest.mark.privileged
+async def test_a_peer_whose_uid_is_not_allowed_is_refused(daemon: Daemon) -> None:
+    os.chmod(daemon.config.state_dir, 0o755)  # let uid 65534 reach the socket at all
+    os.chmod(daemon.config.socket, 0o666)
+    read_r, read_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and tries to talk to the runner
+        try:
+            os.close(read_r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with _raw_connect(str(daemon.config.socket)) as s:
+                # send nothing: the runner must refuse before it reads anything
+                os.write(read_w, msgpack.packb(_read_frames(s)))
+        except BaseException as exc:
+            os.write(read_w, msgpack.packb(repr(exc)))
+        finally:
+            os._exit(0)
+    os.close(read_w)
+    data = b""
+    while chunk := await asyncio.to_thread(os.read, read_r, 65536):
+        data += chunk
+    os.close(read_r)
+    await asyncio.to_thread(os.waitpid, pid, 0)
+    frames = msgpack.unpackb(data)
+    assert len(frames) == 1  # no hello, no answer to the request: only the refusal
+    assert frames[0]["type"] == "error"
+    assert frames[0]["message"] == "uid 65534 is not allowed"
+    assert b"refused connection" in daemon.log_path.read_bytes()
+
+
+async def test_status_and_output_survive_a_runner_restart(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        done = await client.start(*USER, "fib", {"position": 4})
+        done_out = await _tail_all(client, done.id)
+        running = await client.start(*USER, "drip", {"count": 3, "interval": 1.0})
+        first_status = await client.status(*USER, done.id)
+
+    daemon.stop()  # the runner goes away; the running job's monitor does not
+    with pytest.raises(RunnerUnavailable):
+        await RunnerClient(daemon.config.socket).connect()
+    daemon.start()
+
+    async with RunnerClient(daemon.config.socket) as client:
+        assert await client.status(*USER, done.id) == first_status
+        assert await _tail_all(client, done.id) == done_out
+        status = await client.status(*USER, running.id)
+        assert status.state is JobState.RUNNING  # re-adopted
+        out = await _tail_all(client, running.id)  # follows it to its end across the restart
+        assert out == b"line 0\nline 1\nline 2"
+        final = await client.status(*USER, running.id)
+        assert final.state is JobState.COMPLETED
+
+
+async def test_a_running_job_can_be_stopped_by_a_restarted_runner(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "stubborn", {})
+    daemon.stop()
+    daemon.start()
+    async with RunnerClient(daemon.config.socket) as client:
+        stopped = await client.stop(*USER, job.id)
+    assert stopped.state is JobState.STOPPED
+    assert stopped.signal == 9
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_job_printing_200_mb_keeps_the_runner_memory_flat(daemon: Daemon) -> None:
+    size = 200 * 1024 * 1024
+    async with RunnerClient(daemon.config.socket) as client:
+        warm = await client.start(*USER, "spew", {"size": 1024 * 1024})
+        await _tail_all(client, warm.id)
+        before = _rss_kib(daemon.pid)
+        job = await client.start(*USER, "spew", {"size": size})
+        received = 0
+        peak = before
+        t0 = time.monotonic()
+        async for batch in client.tail(*USER, job.id):
+            received += sum(len(c.data) for c in batch)
+            peak = max(peak, _rss_kib(daemon.pid))
+        elapsed = time.monotonic() - t0
+        status = await client.status(*USER, job.id)
+    assert status.state is JobState.COMPLETED
+    assert received == size
+    growth_mib = (peak - before) / 1024
+    print(
+        f"200 MB tailed in {elapsed:.1f}s; runner RSS {before // 1024} MiB, +{growth_mib:.1f} MiB"
+    )
+    assert growth_mib < 32, f"runner grew by {growth_mib:.1f} MiB"
+    assert (daemon.config.jobs_dir / job.id / "output").stat().st_size > size
+
+
+async def test_shutdown_leaves_running_jobs_running(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "stubborn", {})
+        status = await client.status(*USER, job.id)
+    daemon.stop()
+    state = (daemon.config.jobs_dir / job.id / "state.json").read_text()
+    assert '"RUNNING"' in state
+    job_pid = int(state.split('"job_pid": ')[1].split(",")[0])
+    assert not process_gone(job_pid)
+    daemon.start()
+    async with RunnerClient(daemon.config.socket) as client:
+        assert (await client.stop(*USER, job.id)).state is JobState.STOPPED
+    assert process_gone(job_pid)
+    assert status.state is JobState.RUNNING

@@ -1,0 +1,647 @@
+"""Certificate tooling: CAs, server and client certificates, and the identity in a client cert.
+
+Design section 8: ECDSA P-256 keys, SHA-256 signatures, separate client and server CAs (every
+function takes the CA to sign with), leaves that are CA:FALSE with key usage and extended key
+usage set, server certificates with SANs, private keys written 0600.
+
+A client certificate carries the identity the API authorizes: CN = user name, O = role (as
+Kubernetes does). :func:`identity_from_cert` is the one rule that reads it back; the API server
+applies it to the peer certificate of every call.
+
+Everything here is a plain function with keyword-friendly arguments so the CLI can wrap it
+one-to-one. Validation problems raise :class:`ValueError` (or its subclass
+:class:`InvalidIdentityError`) with a message that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CA_CERT_FILE",
+    "CA_KEY_FILE",
+    "DEFAULT_CA_VALID_DAYS",
+    "DEFAULT_LEAF_VALID_DAYS",
+    "MAX_USER_LENGTH",
+    "ROLES",
+    "SERVER_CERT_FILE",
+    "SERVER_KEY_FILE",
+    "Deployment",
+    "InvalidIdentityError",
+    "PrivateKey",
+    "create_ca",
+    "create_client_cert",
+    "create_deployment",
+    "create_server_cert",
+    "generate_key",
+    "identity_from_cert",
+    "identity_from_pem",
+    "load_cert",
+    "load_key",
+    "split_server_names",
+    "user_file_names",
+    "validate_role",
+    "validate_user",
+    "write_cert",
+    "write_key",
+]
+
+PrivateKey = ec.EllipticCurvePrivateKey
+"""The only key type this module creates or accepts: ECDSA on P-256 (secp256r1)."""
+
+ROLES: tuple[str, ...] = ("admin", "user", "viewer")
+"""The roles a client certificate may carry in O (design section 8)."""
+
+MAX_USER_LENGTH = 64
+_USER_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+DEFAULT_CA_VALID_DAYS = 3650
+DEFAULT_LEAF_VALID_DAYS = 365
+
+# File names written by create_deployment (one CA signs both the server and the clients there).
+CA_CERT_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+SERVER_CERT_FILE = "server.pem"
+SERVER_KEY_FILE = "server-key.pem"
+
+# The clock skew a fresh certificate tolerates: not-before is this far in the past.
+_BACKDATE = datetime.timedelta(minutes=1)
+_MAX_COMMON_NAME = 64  # ub-common-name in RFC 5280
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+
+
+class InvalidIdentityError(ValueError):
+    """A user name, role or client certificate subject that is not a valid identity."""
+
+
+# --- identity ---------------------------------------------------------------------------------
+
+
+def validate_user(user: str) -> str:
+    """Return ``user`` if it is a valid user name, else raise :class:`InvalidIdentityError`.
+
+    A user name is 1-64 characters of ``[A-Za-z0-9._-]`` and not ``.`` or ``..`` (it also names
+    files, e.g. ``<user>.pem``).
+    """
+    if not isinstance(user, str):
+        raise InvalidIdentityError(f"user name must be a string, got {type(user).__name__}")
+    if not user:
+        raise InvalidIdentityError("user name is empty")
+    if len(user) > MAX_USER_LENGTH:
+        raise InvalidIdentityError(
+            f"user name is {len(user)} characters long; the maximum is {MAX_USER_LENGTH}"
+        )
+    if not _USER_RE.fullmatch(user):
+        bad = sorted({c for c in user if not _USER_RE.fullmatch(c)})
+        shown = ", ".join(repr(c) for c in bad)
+        raise InvalidIdentityError(
+            f"user name {user!r} contains characters that are not allowed ({shown}); "
+            "use only letters, digits, '.', '_' and '-'"
+        )
+    if user in (".", ".."):
+        raise InvalidIdentityError(f"user name {user!r} is reserved")
+    return user
+
+
+def validate_role(role: str) -> str:
+    """Return ``role`` if it is one of :data:`ROLES`, else raise :class:`InvalidIdentityError`."""
+    if role not in ROLES:
+        raise InvalidIdentityError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+    return role
+
+
+def _single_attribute(name: x509.Name, oid: x509.ObjectIdentifier, what: str) -> str:
+    values = name.get_attributes_for_oid(oid)
+    if not values:
+        raise InvalidIdentityError(f"client certificate subject has no {what}")
+    if len(values) > 1:
+        raise InvalidIdentityError(f"client certificate subject has {len(values)} {what} values")
+    value = values[0].value
+    if not isinstance(value, str):
+        raise InvalidIdentityError(f"client certificate {what} is not a string")
+    return value
+
+
+def identity_from_cert(cert: x509.Certificate) -> tuple[str, str]:
+    """Return ``(user, role)`` from a client certificate: CN = user, O = role.
+
+    The subject must carry exactly one CN and exactly one O, both valid
+    (:func:`validate_user`, :func:`validate_role`). As defense in depth the certificate must also
+    be a leaf meant for client authentication (not a CA; extended key usage includes
+    clientAuth), so a server certificate from a shared CA never passes as a client.
+    Raises :class:`InvalidIdentityError` naming the problem. This does not check the signature
+    chain or validity dates: the TLS layer has done that before the API sees the peer.
+    """
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is not None and basic.ca:
+        raise InvalidIdentityError("client certificate is a CA certificate")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise InvalidIdentityError(
+            "client certificate has no extended key usage (clientAuth is required)"
+        ) from None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise InvalidIdentityError("client certificate is not valid for client authentication")
+    user = _single_attribute(cert.subject, NameOID.COMMON_NAME, "common name (CN)")
+    role = _single_attribute(cert.subject, NameOID.ORGANIZATION_NAME, "organization (O)")
+    return validate_user(user), validate_role(role)
+
+
+def identity_from_pem(pem: bytes) -> tuple[str, str]:
+    """:func:`identity_from_cert` for a PEM certificate (gRPC's ``x509_pem_cert`` auth property).
+
+    Raises :class:`InvalidIdentityError` for a certificate that does not parse, too.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise InvalidIdentityError(f"client certificate does not parse: {exc}") from None
+    return identity_from_cert(cert)
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def _validate_dns_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError("server DNS name is empty")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{name!r} is an IP address, not a DNS name; pass it as an IP address")
+    if not name.isascii():
+        raise ValueError(f"server DNS name {name!r} is not ASCII (use its IDNA 'xn--' form)")
+    host = name.removesuffix(".")
+    if len(host) > 253:
+        raise ValueError(f"server DNS name {name!r} is longer than 253 characters")
+    labels = host.split(".")
+    for i, label in enumerate(labels):
+        if i == 0 and label == "*" and len(labels) > 2:
+            continue  # a wildcard in the leftmost label of a name with at least two more
+        if not _DNS_LABEL_RE.fullmatch(label):
+            raise ValueError(
+                f"server DNS name {name!r} has an invalid label {label!r} (labels are 1-63 "
+                "letters, digits and '-', not starting or ending with '-')"
+            )
+    return host
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def split_server_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split names as a user types them (``localhost``, ``127.0.0.1``, ``::1``) into
+    ``(dns_names, ip_addresses)``, keeping their order. Useful for a CLI ``--name`` option."""
+    dns_names: list[str] = []
+    ip_addresses: list[str] = []
+    for name in names:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            dns_names.append(name)
+        else:
+            ip_addresses.append(name)
+    return dns_names, ip_addresses
+
+
+# --- building certificates --------------------------------------------------------------------
+
+
+def generate_key() -> PrivateKey:
+    """A new ECDSA P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _serial_number() -> int:
+    # 159 random bits: positive, at most 20 octets in DER, and never zero.
+    while True:
+        serial = secrets.randbits(159)
+        if serial:
+            return serial
+
+
+def _check_valid_days(valid_days: int) -> None:
+    if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days < 1:
+        raise ValueError(f"valid_days must be a whole number of days >= 1, got {valid_days!r}")
+
+
+def _validity(valid_days: int) -> tuple[datetime.datetime, datetime.datetime]:
+    _check_valid_days(valid_days)
+    now = datetime.datetime.now(datetime.UTC)
+    return now - _BACKDATE, now + datetime.timedelta(days=valid_days)
+
+
+def _check_ca(ca_key: PrivateKey, ca_cert: x509.Certificate) -> None:
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.curve.name != "secp256r1":
+        raise ValueError("the CA key is not an ECDSA P-256 key")
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if ca_key.public_key().public_bytes(der, pub) != ca_cert.public_key().public_bytes(der, pub):
+        raise ValueError("the CA key does not belong to the CA certificate")
+    try:
+        basic = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is None or not basic.ca:
+        raise ValueError("the CA certificate is not a CA (BasicConstraints CA:TRUE is missing)")
+
+
+def _cap_to_ca(not_after: datetime.datetime, ca_cert: x509.Certificate) -> datetime.datetime:
+    """A leaf never outlives its CA: cap its not-after at the CA's. Asking for a day or more
+    beyond the CA's expiry is an error rather than a silently shorter certificate."""
+    ca_end = ca_cert.not_valid_after_utc
+    if ca_end <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"the CA certificate expired on {ca_end:%Y-%m-%d %H:%M} UTC")
+    if not_after - ca_end >= datetime.timedelta(days=1):
+        raise ValueError(
+            f"the certificate would outlive its CA, which expires {ca_end:%Y-%m-%d %H:%M} UTC; "
+            "ask for fewer days"
+        )
+    return min(not_after, ca_end)
+
+
+def _leaf_builder(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    subject: x509.Name,
+    key: PrivateKey,
+    *,
+    valid_days: int,
+    purpose: x509.ObjectIdentifier,
+) -> x509.CertificateBuilder:
+    not_before, not_after = _validity(valid_days)
+    _check_ca(ca_key, ca_cert)
+    not_after = _cap_to_ca(not_after, ca_cert)
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(aki, critical=False)
+    )
+
+
+def create_ca(
+    common_name: str, valid_days: int = DEFAULT_CA_VALID_DAYS
+) -> tuple[PrivateKey, x509.Certificate]:
+    """Create a self-signed CA: a new key and its certificate.
+
+    CA:TRUE with path length 0 (it signs leaves only), key usage keyCertSign + cRLSign (both
+    critical), a subject key identifier. Use one for clients and another for servers.
+    """
+    if not isinstance(common_name, str) or not common_name.strip():
+        raise ValueError("CA common name is empty")
+    if len(common_name) > _MAX_COMMON_NAME:
+        raise ValueError(f"CA common name is longer than {_MAX_COMMON_NAME} characters")
+    not_before, not_after = _validity(valid_days)
+    key = generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def create_server_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str] = (),
+    valid_days: int = DEFAULT_LEAF_VALID_DAYS,
+) -> tuple[PrivateKey, x509.Certificate]:
+    """Create a server key and certificate signed by the (server) CA.
+
+    Every DNS name and IP address goes in the subject alternative names; the CN is the first
+    name (the first DNS name, or the first IP address when there is none). At least one name is
+    required. Extended key usage: serverAuth.
+    """
+    if isinstance(dns_names, str) or isinstance(ip_addresses, str):
+        raise TypeError("dns_names and ip_addresses are lists of strings, not strings")
+    hosts = [_validate_dns_name(n) for n in dns_names]
+    ips = [_parse_ip(a) for a in ip_addresses]
+    if not hosts and not ips:
+        raise ValueError("a server certificate needs at least one DNS name or IP address")
+    common_name = hosts[0] if hosts else str(ips[0])
+    if len(common_name) > _MAX_COMMON_NAME:
+        raise ValueError(
+            f"the first server name {common_name!r} is longer than {_MAX_COMMON_NAME} "
+            "characters and cannot be the CN; put a shorter name first"
+        )
+    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in dict.fromkeys(hosts)]
+    sans += [x509.IPAddress(ip) for ip in dict.fromkeys(ips)]
+    key = generate_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        _leaf_builder(
+            ca_key,
+            ca_cert,
+            subject,
+            key,
+            valid_days=valid_days,
+            purpose=ExtendedKeyUsageOID.SERVER_AUTH,
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def create_client_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    user: str,
+    role: str,
+    valid_days: int = DEFAULT_LEAF_VALID_DAYS,
+) -> tuple[PrivateKey, x509.Certificate]:
+    """Create a client key and certificate signed by the (client) CA: CN = user, O = role.
+
+    ``user`` must pass :func:`validate_user` and ``role`` :func:`validate_role`. Extended key
+    usage: clientAuth.
+    """
+    validate_user(user)
+    validate_role(role)
+    key = generate_key()
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, user),
+        ]
+    )
+    cert = _leaf_builder(
+        ca_key,
+        ca_cert,
+        subject,
+        key,
+        valid_days=valid_days,
+        purpose=ExtendedKeyUsageOID.CLIENT_AUTH,
+    ).sign(ca_key, hashes.SHA256())
+    return key, cert
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _write_private(fd: int, data: bytes, mode: int) -> None:
+    """Set the exact mode on a file we just created (umask only ever removed bits), then write."""
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+    if not overwrite:
+        try:
+            fd = os.open(path, flags, mode)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{path} already exists; refusing to overwrite it (pass overwrite=True)"
+            ) from None
+        try:
+            _write_private(fd, data, mode)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return
+    # Overwrite: write a new file beside the old one (created with its final mode), then
+    # rename it over the old one, so the path always holds a whole file and never a wider mode.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, flags, mode)
+    try:
+        _write_private(fd, data, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_key(path: str | os.PathLike[str], key: PrivateKey, *, overwrite: bool = False) -> None:
+    """Write ``key`` as unencrypted PKCS#8 PEM to a file created with mode 0600.
+
+    The file is created 0600 from the start (never written and then chmod-ed). An existing file
+    is an error (:class:`FileExistsError`) unless ``overwrite`` is true, in which case the new
+    key is written to a 0600 temporary file in the same directory and renamed over it.
+    """
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _create_file(Path(path), pem, _KEY_MODE, overwrite)
+
+
+def write_cert(
+    path: str | os.PathLike[str], cert: x509.Certificate, *, overwrite: bool = False
+) -> None:
+    """Write ``cert`` as PEM to a file with mode 0644; same overwrite rule as :func:`write_key`."""
+    _create_file(Path(path), cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE, overwrite)
+
+
+def load_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Read an unencrypted PEM private key; it must be ECDSA P-256."""
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{path}: not an ECDSA P-256 private key")
+    return key
+
+
+def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
+    """Read a PEM certificate (the first one, if the file holds a chain)."""
+    data = Path(path).read_bytes()
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a PEM certificate: {exc}") from None
+
+
+# --- a whole deployment in one call ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The files :func:`create_deployment` wrote."""
+
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    users: dict[str, tuple[Path, Path]]
+    """user name -> (certificate, key)"""
+
+
+def user_file_names(user: str) -> tuple[str, str]:
+    """The ``(certificate, key)`` file names :func:`create_deployment` uses for ``user``."""
+    validate_user(user)
+    return f"{user}.pem", f"{user}-key.pem"
+
+
+def create_deployment(
+    directory: str | os.PathLike[str],
+    server_names: Sequence[str],
+    users: Sequence[tuple[str, str]],
+    *,
+    ca_common_name: str = "Workernator CA",
+    ca_valid_days: int = DEFAULT_CA_VALID_DAYS,
+    valid_days: int = DEFAULT_LEAF_VALID_DAYS,
+    overwrite: bool = False,
+) -> Deployment:
+    """Create one CA and everything it signs, for a demo or a test, in ``directory``.
+
+    Writes ``ca.pem``/``ca-key.pem`` (a single CA for both servers and clients),
+    ``server.pem``/``server-key.pem`` for ``server_names`` (DNS names and IP addresses, mixed;
+    see :func:`split_server_names`), and ``<user>.pem``/``<user>-key.pem`` for each
+    ``(user, role)``. ``directory`` is created (mode 0700) if missing. Everything is validated,
+    and file name clashes and existing files are detected, before anything is written.
+    """
+    _check_valid_days(ca_valid_days)
+    _check_valid_days(valid_days)
+    if valid_days > ca_valid_days:
+        raise ValueError(
+            f"leaf validity ({valid_days} days) is longer than the CA's ({ca_valid_days} days)"
+        )
+    dns_names, ip_addresses = split_server_names(server_names)
+    for user, role in users:
+        validate_user(user)
+        validate_role(role)
+    seen_users = [u for u, _ in users]
+    duplicates = sorted({u for u in seen_users if seen_users.count(u) > 1})
+    if duplicates:
+        raise ValueError(f"user listed more than once: {', '.join(duplicates)}")
+
+    root = Path(directory)
+    files: dict[str, str] = {
+        CA_CERT_FILE: "the CA certificate",
+        CA_KEY_FILE: "the CA key",
+        SERVER_CERT_FILE: "the server certificate",
+        SERVER_KEY_FILE: "the server key",
+    }
+    for user, _ in users:
+        for file_name in user_file_names(user):
+            if file_name in files:
+                raise ValueError(
+                    f"user {user!r} would write {file_name}, which is {files[file_name]}"
+                )
+            files[file_name] = f"a file of user {user!r}"
+    if not overwrite:
+        existing = sorted(name for name in files if (root / name).exists())
+        if existing:
+            raise FileExistsError(
+                f"{root} already holds {', '.join(existing)}; refusing to overwrite "
+                "(pass overwrite=True)"
+            )
+
+    ca_key, ca_cert = create_ca(ca_common_name, ca_valid_days)
+    server_key, server_cert = create_server_cert(
+        ca_key, ca_cert, dns_names, ip_addresses, valid_days
+    )
+    clients = {
+        user: create_client_cert(ca_key, ca_cert, user, role, valid_days) for user, role in users
+    }
+
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_cert(root / CA_CERT_FILE, ca_cert, overwrite=overwrite)
+    write_key(root / CA_KEY_FILE, ca_key, overwrite=overwrite)
+    write_cert(root / SERVER_CERT_FILE, server_cert, overwrite=overwrite)
+    write_key(root / SERVER_KEY_FILE, server_key, overwrite=overwrite)
+    user_paths: dict[str, tuple[Path, Path]] = {}
+    for user, (key, cert) in clients.items():
+        cert_name, key_name = user_file_names(user)
+        write_cert(root / cert_name, cert, overwrite=overwrite)
+        write_key(root / key_name, key, overwrite=overwrite)
+        user_paths[user] = (root / cert_name, root / key_name)
+    return Deployment(
+        directory=root,
+        ca_cert=root / CA_CERT_FILE,
+        ca_key=root / CA_KEY_FILE,
+        server_cert=root / SERVER_CERT_FILE,
+        server_key=root / SERVER_KEY_FILE,
+        users=user_paths,
+    )
