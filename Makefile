@@ -1,7 +1,10 @@
 # Workernator. `make demo` and `make test` work on a fresh Debian/Ubuntu machine as root:
 # they install what they need themselves (Debian packages, a .venv with the project).
 
-PYTHON ?= python3
+# The system Python when it is new enough: the venv must be usable by the api's unprivileged
+# user, and an interpreter under /root (pyenv) is not.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; assert sys.version_info >= (3, 11)' \
+            2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp

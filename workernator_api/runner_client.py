@@ -19,6 +19,9 @@ from shared.errors import Internal, WorkernatorError, error_from_code
 from shared.model import JobStatus, OutputChunk
 
 
+QUEUE_DEPTH = 8  # replies buffered per request before the connection stops being read
+
+
 class RunnerUnavailable(WorkernatorError):
     """The runner socket cannot be reached or the connection broke."""
 
@@ -93,10 +96,13 @@ class RunnerClient:
                     raise RunnerUnavailable(f"the runner closed the connection: {text}")
                 queue = self._queues.get(rid)
                 if queue is not None:
-                    queue.put_nowait(message)  # type: ignore[arg-type]
+                    # A bounded queue: a slow consumer stops this reader, the kernel's socket
+                    # buffers fill, and the runner stops reading that job's output for us.
+                    await queue.put(message)  # type: ignore[arg-type]
         except (p.ProtocolError, OSError, RunnerUnavailable) as exc:
             error = exc if isinstance(exc, RunnerUnavailable) else RunnerUnavailable(str(exc))
         for queue in self._queues.values():
+            _drain(queue)
             queue.put_nowait(error)
 
     async def _request(self, op: p.Op, user: str, role: str, args: p.OpArgs) -> tuple[int, Any]:
@@ -104,7 +110,7 @@ class RunnerClient:
             raise RunnerUnavailable("not connected to the runner")
         assert self._writer is not None
         rid = next(self._ids)
-        queue: asyncio.Queue[p.ServerMessage | Exception] = asyncio.Queue()
+        queue: asyncio.Queue[p.ServerMessage | Exception] = asyncio.Queue(QUEUE_DEPTH)
         self._queues[rid] = queue
         self._writer.write(self._conn.send(p.Request(rid, op, p.Caller(user, role), args)))
         await self._writer.drain()
@@ -139,6 +145,7 @@ class RunnerClient:
                 yield message
         finally:
             del self._queues[rid]
+            _drain(queue)  # unblocks the reader if it waits to put into this queue
             if not done and self.connected and self._writer is not None:
                 with contextlib.suppress(ConnectionError):
                     self._writer.write(self._conn.send(p.Cancel(rid)))
@@ -185,6 +192,11 @@ class RunnerClient:
         async for item in self._stream(p.Op.TAIL, user, role, args):
             if isinstance(item, p.OutputItem):
                 yield list(item.chunks)
+
+
+def _drain(queue: asyncio.Queue[p.ServerMessage | Exception]) -> None:
+    while not queue.empty():
+        queue.get_nowait()
 
 
 def _job(reply: p.ServerMessage) -> JobStatus:

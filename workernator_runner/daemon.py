@@ -19,11 +19,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from shared import log
 from shared import protocol as p
 from shared.errors import ErrorCode, WorkernatorError
 from shared.model import OutputChunk
 from workernator_runner import config as config_mod
-from workernator_runner import log
 from workernator_runner.manager import JobManager
 
 MAX_REQUESTS_PER_CONNECTION = 256

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import ids
+from shared import ids, log
 from shared.errors import Internal, InvalidArgument, NotFound
 from shared.model import JobState, JobStatus, OutputChunk
-from workernator_runner import inotify, log, monitor, store
+from workernator_runner import inotify, monitor, store
 from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import Registry, load_registry
 

@@ -1,4 +1,7 @@
-"""Structured log lines on stderr: ``ts=... level=info msg="job started" job=XE38YM``."""
+"""Structured log lines on stderr (logfmt): ``ts=... level=info msg="job started" job=XE38YM``.
+
+Both processes log this way, so one parser reads the journal of either.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-logger = logging.getLogger("workernator.runner")
+logger = logging.getLogger("workernator")
 
 
 def _quote(value: object) -> str:
@@ -34,12 +37,12 @@ class LogfmtFormatter(logging.Formatter):
 
 
 def setup(level: str) -> None:
+    """Send the ``workernator`` loggers' records to stderr as logfmt lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
-    root = logging.getLogger("workernator")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def event(level: int, message: str, **fields: object) -> None:

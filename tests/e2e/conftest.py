@@ -1,0 +1,152 @@
+"""The whole stack for end-to-end tests: a runner, an api on loopback, fresh certificates."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Daemon, short_tmpdir, write_runner_config
+from workernator_api import certs
+from workernator_runner.config import RunnerConfig
+
+USERS = [("admin", "admin"), ("alice", "user"), ("bob", "user"), ("carol", "viewer")]
+API_USER = "nobody"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _can_run_as(user: str) -> bool:
+    """Can ``user`` run this interpreter and import the project? (Not when it lives in /root.)"""
+    if os.geteuid() != 0:
+        return False
+    result = subprocess.run(
+        ["runuser", "-u", user, "--", sys.executable, "-c", "import workernator_api.server"],
+        cwd="/",
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@dataclass
+class Stack:
+    address: str
+    certs: Path
+    runner_socket: Path
+    runner: Daemon
+    api: subprocess.Popen[bytes]
+    api_log: Path
+    api_uid: int
+    tmp: Path
+    extra: dict[str, Path] = field(default_factory=dict)
+
+    def env(self, user: str) -> dict[str, str]:
+        """The environment for the CLI acting as ``user``."""
+        return dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            WORKERNATOR_HOST=self.address,
+            WORKERNATOR_CERT=str(self.certs / f"{user}.pem"),
+            WORKERNATOR_KEY=str(self.certs / f"{user}-key.pem"),
+            WORKERNATOR_CA=str(self.certs / "ca.pem"),
+            WORKERNATOR_CONFIG=str(self.tmp / "no-such-config.toml"),
+        )
+
+    def credentials(self, user: str) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert, key) PEM bytes for a gRPC client acting as ``user``."""
+        return (
+            (self.certs / "ca.pem").read_bytes(),
+            (self.certs / f"{user}.pem").read_bytes(),
+            (self.certs / f"{user}-key.pem").read_bytes(),
+        )
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"api exited: {log.read_text()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("api did not start listening")
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    tmp = short_tmpdir("wn-e2e-")
+    os.chmod(tmp, 0o755)
+    cert_dir = tmp / "certs"
+    certs.create_deployment(cert_dir, ["localhost", "127.0.0.1"], USERS)
+    unprivileged = _can_run_as(API_USER)
+    api_uid = pwd.getpwnam(API_USER).pw_uid if unprivileged else os.geteuid()
+    if unprivileged:  # the api's own key is readable by the api's user only
+        os.chown(cert_dir / "server-key.pem", api_uid, -1)
+        os.chmod(cert_dir, 0o755)
+
+    state = tmp / "state"
+    state.mkdir()
+    cfg = RunnerConfig(
+        socket=tmp / "run" / "runner.sock",
+        socket_group="",
+        state_dir=state,
+        stop_grace_seconds=1.0,
+        allowed_uids=frozenset({0, api_uid}),
+    )
+    (tmp / "run").mkdir(mode=0o755)
+    write_runner_config(cfg, tmp / "runner.toml")
+    runner = Daemon(cfg, tmp / "runner.toml", tmp / "runner.log")
+    runner.start()
+    if unprivileged:
+        os.chown(cfg.socket, -1, pwd.getpwnam(API_USER).pw_gid)
+        os.chmod(cfg.socket, 0o660)
+
+    port = _free_port()
+    (tmp / "api.toml").write_text(
+        "[api]\n"
+        f'listen = "127.0.0.1:{port}"\n'
+        f'cert = "{cert_dir / "server.pem"}"\n'
+        f'key = "{cert_dir / "server-key.pem"}"\n'
+        f'client_ca = "{cert_dir / "ca.pem"}"\n'
+        f'runner_socket = "{cfg.socket}"\n'
+    )
+    api_log = tmp / "api.log"
+    with api_log.open("wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "workernator_api.server", "--config", str(tmp / "api.toml")],
+            cwd="/",
+            env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            stdout=log,
+            stderr=log,
+            user=api_uid if unprivileged else None,
+            group=pwd.getpwnam(API_USER).pw_gid if unprivileged else None,
+            extra_groups=[] if unprivileged else None,
+        )
+    try:
+        _wait_for_port(port, api, api_log)
+        yield Stack(f"127.0.0.1:{port}", cert_dir, cfg.socket, runner, api, api_log, api_uid, tmp)
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
+        runner.stop()
+        from tests.conftest import _stop_leftover_jobs
+
+        _stop_leftover_jobs(cfg)
+        shutil.rmtree(tmp, ignore_errors=True)
