@@ -18,7 +18,6 @@ from shared import protocol as p
 from shared.errors import Internal, WorkernatorError, error_from_code
 from shared.model import JobStatus, OutputChunk
 
-
 QUEUE_DEPTH = 8  # replies buffered per request before the connection stops being read
 
 
