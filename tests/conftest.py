@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os as _os
+
+# gRPC (used by the e2e tests in this process) must not install fork handlers: the runner
+# tests fork monitors from this process, and the child must not touch gRPC state.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import os
 import shutil

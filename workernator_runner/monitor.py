@@ -13,6 +13,7 @@ line by line, and it never returns into the runner's code (it leaves with ``os._
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import selectors
@@ -60,6 +61,7 @@ def spawn(launch: Launch, ready_fd: int) -> int:
     """Fork the monitor; returns its pid. It reports start success or failure on ``ready_fd``."""
     pid = os.fork()
     if pid == 0:  # the monitor
+        _forget_parent_objects()
         code = 70
         try:
             code = _monitor(launch, ready_fd)
@@ -68,6 +70,12 @@ def spawn(launch: Launch, ready_fd: int) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+def _forget_parent_objects() -> None:
+    """Never collect what the parent made: its objects' finalizers would act on descriptors
+    this process has closed (or worse, reused), and collecting them would copy shared pages."""
+    gc.freeze()
 
 
 def _report(fd: int, message: dict[str, Any]) -> None:
@@ -112,6 +120,7 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
     setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
+        _forget_parent_objects()
         _job_process(launch, out_w, err_w, setup_w)
     for fd in (out_w, err_w, setup_w):
         os.close(fd)
