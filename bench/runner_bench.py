@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.probe_jobs import JOBS as PROBES  # noqa: E402
-from workernator_runner.config import RunnerConfig  # noqa: E402
-from workernator_runner.jobs import Registry, load_registry  # noqa: E402
-from workernator_runner.manager import JobManager  # noqa: E402
+from tests.probe_jobs import JOBS as PROBES
+from workernator_runner.config import RunnerConfig
+from workernator_runner.jobs import Registry, load_registry
+from workernator_runner.manager import JobManager
 
 RUNS = 30
 SIZE = 100 * 1024 * 1024
