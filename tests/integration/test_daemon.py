@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -17,6 +18,7 @@ from shared.model import JobState
 from tests.conftest import Daemon
 from tests.helpers import process_gone
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
+from workernator_runner.config import RunnerConfig
 
 USER = ("alice", "user")
 
@@ -244,3 +246,28 @@ async def test_shutdown_leaves_running_jobs_running(daemon: Daemon) -> None:
         assert (await client.stop(*USER, job.id)).state is JobState.STOPPED
     assert process_gone(job_pid)
     assert status.state is JobState.RUNNING
+
+
+@pytest.mark.privileged
+def test_the_socket_is_created_0660_with_the_configured_group(
+    runner_config: RunnerConfig, state_dir: Path
+) -> None:
+    import dataclasses
+    import grp
+    import stat
+
+    from tests.conftest import write_runner_config
+
+    group = grp.getgrnam("daemon")
+    cfg = dataclasses.replace(runner_config, socket_group="daemon")
+    write_runner_config(cfg, state_dir / "runner.toml")
+    runner = Daemon(cfg, state_dir / "runner.toml", state_dir / "runner.log")
+    runner.start()
+    try:
+        st = cfg.socket.stat()
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == group.gr_gid
+    finally:
+        runner.stop()
+    assert not cfg.socket.exists()  # removed on clean shutdown
