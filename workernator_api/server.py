@@ -20,9 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import catalog, log
+from shared import catalog, ids, log
 from shared.errors import ErrorCode, NotFound, WorkernatorError
 from shared.model import JobStatus
+from shared.protocol import MAX_NAME
 from workernator_api import authz, certs, convert
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
@@ -134,6 +135,8 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> JobStatus:
         """The job, if ``identity`` may do ``action`` on it; otherwise it does not exist."""
         JobService._require(identity, action)
+        if not ids.is_job_id(job_id):  # cannot name a job; the runner need not be asked
+            raise NotFound(f"job {job_id!r} not found")
         job = await runner.status(identity.user, identity.role, job_id)
         if not authz.may_touch(identity, action, job.owner):
             raise NotFound(f"job {job_id!r} not found")
@@ -182,8 +185,8 @@ class JobService(pb_grpc.JobServiceServicer):
             self._require(identity, authz.Action.READ)
             requested = request.owner or None
             owner = authz.owner_filter(identity, requested)
-            if requested is not None and owner != requested:
-                return pb.ListJobsResponse()  # a user asking for someone else's jobs: none
+            if requested is not None and (owner != requested or len(requested) > MAX_NAME):
+                return pb.ListJobsResponse()  # someone else's jobs, or a name no one has
             jobs = await runner.list_jobs(identity.user, identity.role, owner=owner)
             state = convert.STATE_NAMES.get(request.state)
             return pb.ListJobsResponse(

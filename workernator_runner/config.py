@@ -4,10 +4,12 @@ Example (``/etc/workernator/runner.toml``)::
 
     [runner]
     socket = "/run/workernator/runner.sock"  # the Unix socket the api connects to
-    socket_group = "workernator"             # group owning the socket ("" = root's group)
+    socket_group = "workernator"             # group owning the socket ("" = root's group);
+                                             # it must exist
     socket_mode = "0660"                     # permissions of the socket
     allowed_uids = [0]                       # peers (SO_PEERCRED uid) allowed to connect
-    allowed_users = ["workernator"]          # the same, by user name
+    allowed_users = []                       # the same, by user name: ["workernator"] for the
+                                             # api's user; a name that does not exist is an error
     state_dir = "/var/lib/workernator"       # jobs/<id>/{job.json,state.json,output}
     stop_grace_seconds = 5.0                 # SIGTERM, then this long, then SIGKILL
     job_modules = []                         # extra job types: modules with a JOBS list

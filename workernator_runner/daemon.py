@@ -27,6 +27,9 @@ from workernator_runner import config as config_mod
 from workernator_runner.manager import JobManager
 
 MAX_REQUESTS_PER_CONNECTION = 256
+# A job status is at most about 26 KiB on the wire (a 4096-character expression, 64 variables,
+# a 4096-character error), so this many always fit in one frame.
+JOBS_PER_FRAME = 32
 MAX_CONNECTIONS = 512
 SOFTWARE = "workernator-runner 0.1"
 _UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -65,14 +68,24 @@ class _Session:
                     self.conn.receive_eof()
                     return
                 self.conn.receive_data(data)
-                while (message := self.conn.next_message()) is not None:
+                while True:
+                    try:
+                        message = self.conn.next_message()
+                    except p.ProtocolError as exc:
+                        if exc.request_id is None:
+                            raise
+                        # A well-framed request with bad arguments: refuse it, keep serving.
+                        await self.send(
+                            p.ErrorReply(exc.request_id, ErrorCode.INVALID_ARGUMENT, exc.message)
+                        )
+                        continue
+                    if message is None:
+                        break
                     self.dispatch(message)
         except p.ProtocolError as exc:
             log.warning("protocol error; closing connection", error=exc.message)
             with contextlib.suppress(ConnectionError):
-                await self.send(
-                    p.ErrorReply(exc.request_id, ErrorCode.INVALID_ARGUMENT, exc.message)
-                )
+                await self.send(p.ErrorReply(None, ErrorCode.INVALID_ARGUMENT, exc.message))
         finally:
             for task in self.tasks.values():
                 task.cancel()
@@ -108,10 +121,6 @@ class _Session:
     async def handle(self, request: p.Request) -> None:
         try:
             await self.execute(request)
-        except asyncio.CancelledError:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(p.End(request.id))
-            raise
         except WorkernatorError as exc:
             await self._try_send(p.ErrorReply(request.id, exc.code, exc.message))
         except ConnectionError:
@@ -139,8 +148,8 @@ class _Session:
             await self.send(p.TypesReply(rid, [j.spec.describe() for j in m.registry.values()]))
         elif isinstance(args, p.ListArgs):
             jobs = m.list(owner=args.owner)
-            for start in range(0, len(jobs), 1000):
-                await self.send(p.JobsItem(rid, jobs[start : start + 1000]))
+            for start in range(0, len(jobs), JOBS_PER_FRAME):
+                await self.send(p.JobsItem(rid, jobs[start : start + JOBS_PER_FRAME]))
             await self.send(p.End(rid))
         elif isinstance(args, p.TailArgs):
             batches = m.read_output_batches(
@@ -198,6 +207,8 @@ class Server:
         self._connections.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # the runner is shutting down; the client sees the connection close
         finally:
             self._connections.discard(task)
             writer.close()

@@ -119,7 +119,12 @@ class JobManager:
 
     def _lost(self, job: _Job) -> None:
         """The monitor is gone without recording the end (crash, reboot): end the job FAILED."""
-        if job.state.job_pid and _same_process(job.state.job_pid, None):
+        self._refresh(job)  # it may have recorded the end just before it exited
+        if job.state.state.finished:
+            return
+        # Kill what is left of the job, but only if its pid still names the job's process: after
+        # a reboot or a long time it may name anything.
+        if _same_process(job.state.job_pid, job.state.job_start):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(job.state.job_pid, signal.SIGKILL)
         job.state.state = JobState.FAILED
@@ -160,10 +165,11 @@ class JobManager:
             job.notify()
 
     def _refresh(self, job: _Job) -> None:
+        was_finished = job.state.state.finished
         state = store.read_state(job.dir)
         if state is not None:
             job.state = state
-        if job.state.state.finished:
+        if job.state.state.finished and not was_finished:
             self._unwatch(job)
             log.info(
                 "job ended",
@@ -316,8 +322,14 @@ class JobManager:
             if start > path.stat().st_size:
                 raise InvalidArgument(f"offset {start} is past the end of the output")
         with store.RecordReader(path, start) as reader:
-            if first:
-                yield first
+            batch: builtins.list[OutputChunk] = []
+            for chunk in first:  # the last lines, in batches like the rest
+                batch.append(chunk)
+                if sum(len(c.data) for c in batch) >= max_bytes:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
             while True:
                 changed = job.changed  # before reading, so no change can slip in between
                 finished = job.state.state.finished
@@ -381,9 +393,12 @@ async def _read_pipe(fd: int) -> bytes:
     return bytes(data)
 
 
-def _same_process(pid: int, start_time: int | None) -> bool:
+def _same_process(pid: int, start_time: int) -> bool:
+    """Is ``pid`` still the process that started at ``start_time``? False when unknown."""
+    if not pid or not start_time:
+        return False
     try:
-        return start_time is None or monitor.process_start_time(pid) == start_time
+        return monitor.process_start_time(pid) == start_time
     except (OSError, ValueError, IndexError):
         return False
 
@@ -399,7 +414,9 @@ def _signal_monitor(state: store.JobState_, sig: int) -> bool:
     except ProcessLookupError:
         return False
     try:
-        # With the pidfd open the pid cannot be reused, so this check cannot go stale.
+        # The pidfd names one process: if the pid was reused before pidfd_open, the start time
+        # differs; if the process ends after this check, the signal fails instead of reaching
+        # a newcomer.
         if not _same_process(state.monitor_pid, state.monitor_start):
             return False
         signal.pidfd_send_signal(pidfd, sig)

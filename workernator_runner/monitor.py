@@ -138,6 +138,7 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
         monitor_pid=os.getpid(),
         monitor_start=process_start_time(os.getpid()),
         job_pid=pid,
+        job_start=process_start_time(pid),  # not reaped yet: /proc/<pid> is still there
         started_ns=time.time_ns(),
     )
     store.write_state(job_dir, state)

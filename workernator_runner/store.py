@@ -50,6 +50,7 @@ class JobState_:
     monitor_pid: int = 0
     monitor_start: int = 0  # start time of the monitor in clock ticks since boot (pid reuse)
     job_pid: int = 0
+    job_start: int = 0  # start time of the job's main process, like monitor_start
     started_ns: int | None = None
     ended_ns: int | None = None
     exit_code: int | None = None

@@ -271,3 +271,93 @@ def test_the_socket_is_created_0660_with_the_configured_group(
     finally:
         runner.stop()
     assert not cfg.socket.exists()  # removed on clean shutdown
+
+
+async def test_a_request_with_bad_arguments_does_not_close_the_connection(daemon: Daemon) -> None:
+    def exchange() -> list[dict[str, object]]:
+        with _raw_connect(str(daemon.config.socket)) as s:
+            bad = {
+                "type": "request",
+                "id": 7,
+                "op": "status",
+                "caller": CALLER,
+                "args": {"job_id": ""},
+            }
+            good = {"type": "request", "id": 8, "op": "list", "caller": CALLER, "args": {}}
+            s.sendall(HELLO + _frame(bad) + _frame(good))
+            s.shutdown(socket.SHUT_WR)
+            return _read_frames(s)
+
+    frames = await asyncio.to_thread(exchange)
+    assert [f["type"] for f in frames] == ["hello", "error", "end"]
+    assert frames[1]["id"] == 7 and "length must be" in str(frames[1]["message"])
+    assert frames[2]["id"] == 8
+
+
+CALLER = {"user": "alice", "role": "user"}
+
+
+async def test_long_lists_and_long_last_lines_fit_in_frames(daemon: Daemon) -> None:
+    names = [f"v{i:02d}" + "x" * 61 for i in range(64)]  # the longest names, as many as allowed
+    expression = " + ".join(names[:60])  # about 4000 characters, 59 operators deep
+    variables = {name: float(i) for i, name in enumerate(names)}
+    async with RunnerClient(daemon.config.socket) as client:
+        started = await asyncio.gather(
+            *(
+                client.start(*USER, "eval", {"expression": expression, "variables": variables})
+                for _ in range(200)  # about 1.1 MB of statuses: more than one frame holds
+            )
+        )
+        jobs = await client.list_jobs(*USER)
+        assert {j.id for j in jobs} == {j.id for j in started}
+        spew = await client.start(*USER, "spew", {"size": 3 * 1024 * 1024})
+        await _tail_all(client, spew.id)
+        received = 0
+        async for batch in client.tail(*USER, spew.id, last=1_000_000):
+            received += sum(len(c.data) for c in batch)
+        assert received == 3 * 1024 * 1024
+
+
+async def test_a_tail_ends_with_an_error_not_a_clean_end_when_the_runner_stops(
+    daemon: Daemon,
+) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "drip", {"count": 1, "interval": 60})
+        tail = client.tail(*USER, job.id)
+        assert [c.data for c in await anext(tail)] == [b"line 0"]
+        await asyncio.to_thread(daemon.stop)
+        with pytest.raises(RunnerUnavailable):
+            await anext(tail)
+    daemon.start()
+
+
+def test_a_job_module_that_cannot_be_imported_is_a_one_line_error(
+    runner_config: RunnerConfig, state_dir: Path
+) -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_runner_config
+
+    cfg = dataclasses.replace(runner_config, job_modules=("no_such_module_wn",))
+    write_runner_config(cfg, state_dir / "bad.toml")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workernator_runner.daemon",
+            "--config",
+            str(state_dir / "bad.toml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "workernator-runner: job module 'no_such_module_wn' cannot be imported: "
+        "ModuleNotFoundError(\"No module named 'no_such_module_wn'\")"
+    ]

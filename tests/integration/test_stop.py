@@ -86,3 +86,39 @@ async def test_readers_end_when_the_job_is_stopped(manager: JobManager) -> None:
     await manager.stop(job.id)
     results = await asyncio.wait_for(asyncio.gather(*readers), 5)
     assert all(joined(r) == b"line 0" for r in results)
+
+
+async def test_a_lost_job_is_failed_without_killing_a_process_that_reused_its_pid(
+    manager: JobManager,
+) -> None:
+    import json
+    import subprocess
+
+    from workernator_runner import monitor, store
+
+    job = await manager.start("drip", {"count": 1, "interval": 60}, "alice")
+    await manager.stop(job.id)
+    # Pretend an earlier runner's monitor died while the job ran, and the job's pid now
+    # belongs to an unrelated process (here: a sleep of ours in its own process group).
+    bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)  # noqa: ASYNC220
+    try:
+        state_file = manager.config.jobs_dir / job.id / store.STATE_FILE
+        state = json.loads(state_file.read_text())
+        state.update(
+            state="RUNNING",
+            ended_ns=None,
+            job_pid=bystander.pid,
+            job_start=monitor.process_start_time(bystander.pid) - 1,  # not the same process
+            monitor_pid=bystander.pid,
+            monitor_start=1,
+        )
+        state_file.write_text(json.dumps(state))
+        await manager.close()
+        await manager.open()  # a new runner finds the job and its monitor gone
+        lost = manager.status(job.id)
+        assert lost.state is JobState.FAILED
+        assert "monitor ended unexpectedly" in lost.error
+        assert bystander.poll() is None  # still alive
+    finally:
+        bystander.kill()
+        bystander.wait()

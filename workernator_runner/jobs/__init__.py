@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.catalog import JobSpec
 from shared.errors import InvalidArgument
+from workernator_runner.config import ConfigError
 
 
 class JobFailed(Exception):
@@ -66,9 +67,15 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
 
     jobs: list[Job] = list(builtin.JOBS)
     for name in modules:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # any failure while importing is a configuration problem
+            raise ConfigError(f"job module {name!r} cannot be imported: {exc!r}") from None
         extra = getattr(module, "JOBS", None)
-        if extra is None:
-            raise ValueError(f"job module {name!r} has no JOBS")
+        if extra is None or not all(isinstance(job, Job) for job in extra):
+            raise ConfigError(f"job module {name!r} has no JOBS sequence of Job")
         jobs.extend(extra)
-    return Registry(jobs)
+    try:
+        return Registry(jobs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
