@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@command -v openssl >/dev/null || { $(APT) update && $(APT) install openssl; }
 	@touch $@
 
 venv: $(STAMP)
@@ -52,6 +53,10 @@ test: lint
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -ra tests/unit
+
+# Build, start the runner (root) and the api (unprivileged), run each job type from the CLI.
+demo: $(STAMP)
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -65,7 +65,7 @@ class Stack:
             WORKERNATOR_CERT=str(self.certs / f"{user}.pem"),
             WORKERNATOR_KEY=str(self.certs / f"{user}-key.pem"),
             WORKERNATOR_CA=str(self.certs / "ca.pem"),
-            WORKERNATOR_CONFIG=str(self.tmp / "no-such-config.toml"),
+            WORKERNATOR_CONFIG=os.devnull,  # no config file: flags and env only
         )
 
     def credentials(self, user: str) -> tuple[bytes, bytes, bytes]:

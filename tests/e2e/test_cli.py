@@ -1,0 +1,322 @@
+"""The ``workernator`` CLI end to end: a subprocess against the real api and runner, over mTLS.
+
+Each test runs ``python -m workernator_api.cli`` with the environment of one user of the
+``stack`` fixture (admin, alice and bob (role user), carol (viewer)), piped, so never on a
+terminal: the output checked here is exactly what a script reading the CLI gets.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Stack
+from workernator_api import certs
+
+ID = r"[A-Z0-9]{6}"
+TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+
+
+def wn(
+    stack: Stack, user: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI as ``user``; never from a terminal."""
+    # os.devnull is an empty config file: nothing from the home directory of whoever runs this.
+    run_env = stack.env(user) | {"WORKERNATOR_CONFIG": os.devnull} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "workernator_api.cli", *args],
+        env=run_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ok(stack: Stack, user: str, *args: str) -> str:
+    proc = wn(stack, user, *args)
+    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc.stdout.decode()
+
+
+def one_line_error(proc: subprocess.CompletedProcess[bytes], *fragments: str) -> str:
+    """The error line of a failed command, after checking it is one line and no traceback."""
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, (proc.stdout, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith("Error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+    return stderr
+
+
+def start(stack: Stack, user: str, *args: str) -> str:
+    out = ok(stack, user, "jobs", "start", *args)
+    match = re.match(rf"Started '[^']+' job, ID: ({ID})\n", out)
+    assert match, out
+    return match.group(1)
+
+
+def status(stack: Stack, user: str, job_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(ok(stack, user, "jobs", "status", job_id, "-o", "json"))
+    return data
+
+
+def wait_until_ended(stack: Stack, user: str, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = status(stack, user, job_id)
+        if job["state"] != "JOB_STATE_RUNNING":
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still running"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[str, list[str]]]:
+    """A tiny HTTP server on loopback that answers every POST with 200; records the paths."""
+    posts: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", posts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- the transcript ---------------------------------------------------------------------------
+
+
+def test_start_and_status_match_the_transcript(stack: Stack) -> None:
+    out = ok(stack, "alice", "jobs", "start", "fib", "3")
+    match = re.fullmatch(
+        rf"Started 'Fibonacci' job, ID: ({ID})\n"
+        rf"Use 'workernator jobs tail \1' to see the output of this job,\n"
+        rf"'workernator jobs stop \1' to stop the job.\n",
+        out,
+    )
+    assert match, out
+    job_id = match.group(1)
+    wait_until_ended(stack, "alice", job_id)
+    lines = ok(stack, "alice", "jobs", "status", job_id).splitlines()  # piped: no progress line
+    assert lines[:4] == [
+        f"Job {job_id}: Fibonacci",
+        "Arguments:",
+        "  Number:   3",
+        "Status:     Complete",
+    ]
+    assert re.fullmatch(rf"Started:    {TIME}", lines[4]), lines
+    assert re.fullmatch(rf"Finished:   {TIME}", lines[5]), lines
+    assert re.fullmatch(r"Duration:   (\d+ ms|\d+ seconds?)", lines[6]), lines
+    assert len(lines) == 7
+
+
+def test_tail_from_the_start_by_a_late_client(stack: Stack) -> None:
+    job_id = start(stack, "alice", "fib", "10")
+    wait_until_ended(stack, "alice", job_id)
+    proc = wn(stack, "alice", "jobs", "tail", job_id)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"[JOB] Starting job 'Fibonacci'\n"), proc.stdout
+    assert b"[RESULT] 34\n" in proc.stdout
+    assert proc.stderr == b""  # piped: the end message goes nowhere, the output stays exact
+    # --no-follow and --last
+    last = wn(stack, "alice", "jobs", "tail", job_id, "--no-follow", "--last", "1")
+    assert last.returncode == 0
+    assert last.stdout.count(b"\n") == 1
+    assert proc.stdout.endswith(last.stdout)
+
+
+def test_tail_json_resumes_from_an_offset(stack: Stack) -> None:
+    job_id = start(stack, "alice", "fib", "5")
+    wait_until_ended(stack, "alice", job_id)
+    lines = [
+        json.loads(line)
+        for line in ok(stack, "alice", "jobs", "tail", job_id, "-o", "json").splitlines()
+    ]
+    assert lines and all(line["stream"] in ("stdout", "stderr") for line in lines)
+    assert "next_offset" in lines[-1]
+    rest = wn(stack, "alice", "jobs", "tail", job_id, "--offset", str(lines[-1]["next_offset"]))
+    assert (rest.returncode, rest.stdout) == (0, b"")
+
+
+def test_follow_a_running_job_to_its_end(stack: Stack, http_server: tuple[str, list[str]]) -> None:
+    url, posts = http_server
+    job_id = start(stack, "alice", "wait", "1500ms", url)
+    running = ok(stack, "alice", "jobs", "status", job_id).splitlines()
+    assert "Status:     Running" in running
+    assert "Finished:   -" in running
+    assert "  Seconds:  1.5 seconds" in running
+    assert f"  URL:      {url}" in running
+    begun = time.monotonic()
+    proc = wn(stack, "alice", "jobs", "tail", job_id)  # follows by default
+    assert proc.returncode == 0
+    assert time.monotonic() - begun > 0.5  # it waited for the job
+    assert b"[RESULT] 200\n" in proc.stdout, proc.stdout
+    assert posts == ["/hook"]
+    assert status(stack, "alice", job_id)["state"] == "JOB_STATE_COMPLETED"
+
+
+# --- each job type ----------------------------------------------------------------------------
+
+
+def test_each_job_type(stack: Stack) -> None:
+    noop = start(stack, "alice", "noop")
+    assert wait_until_ended(stack, "alice", noop)["state"] == "JOB_STATE_COMPLETED"
+    assert wn(stack, "alice", "jobs", "tail", noop).stdout == b""
+
+    ev = start(stack, "alice", "eval", "2x * 3y", "--var", "x=2", "--var", "y=1.5")
+    wait_until_ended(stack, "alice", ev)
+    assert b"[RESULT] 18\n" in wn(stack, "alice", "jobs", "tail", ev).stdout
+    text = ok(stack, "alice", "jobs", "status", ev)
+    assert "  Expression: 2x * 3y\n  Variables:  x=2, y=1.5\n" in text
+
+    wait = start(stack, "alice", "wait", "1m30s", "http://127.0.0.1:9/")
+    assert status(stack, "alice", wait)["wait"]["seconds"] == "90s"
+    stopped = ok(stack, "alice", "jobs", "stop", wait)
+    assert stopped == f"Stopped job {wait}.\n"
+    after = ok(stack, "alice", "jobs", "status", wait)
+    assert "Status:     Stopped\n" in after
+    assert re.search(rf"Finished:   {TIME}\n", after)
+    again = ok(stack, "alice", "jobs", "stop", wait)  # stopping an ended job is no error
+    assert "Stopped" in again or "already ended" in again
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["fib", "0"], "'position'"),
+        (["fib", "100000000000"], "'position'"),
+        (["eval", "2 +"], "'expression'"),
+        (["eval", "2x"], "'variables'"),
+        (["wait", "5", "ftp://example.com/"], "'url'"),
+        (["wait", "200000", "http://example.com/"], "'seconds'"),
+    ],
+)
+def test_invalid_arguments_are_rejected_naming_them(
+    stack: Stack, args: list[str], argument: str
+) -> None:
+    one_line_error(wn(stack, "alice", "jobs", "start", *args), argument)
+
+
+def test_usage_error_is_clicks(stack: Stack) -> None:
+    proc = wn(stack, "alice", "jobs", "start", "fib")
+    assert proc.returncode == 2
+    assert b"Missing argument 'POSITION'" in proc.stderr
+
+
+# --- who sees what ----------------------------------------------------------------------------
+
+
+def test_list_shows_own_jobs_to_a_user_and_all_to_admin(stack: Stack) -> None:
+    mine = start(stack, "alice", "noop")
+    theirs = start(stack, "bob", "noop")
+
+    def ids(user: str, *args: str) -> set[str]:
+        lines = ok(stack, user, "jobs", "list", *args).splitlines()
+        assert lines[0].split() == ["ID", "TYPE", "STATE", "OWNER", "STARTED", "DURATION"]
+        return {line.split()[0] for line in lines[1:]}
+
+    assert mine in ids("alice") and theirs not in ids("alice")
+    assert theirs in ids("bob") and mine not in ids("bob")
+    assert {mine, theirs} <= ids("admin")
+    assert {mine, theirs} <= ids("carol")
+    assert ids("admin", "--owner", "bob") >= {theirs}
+    assert mine not in ids("admin", "--owner", "bob")
+    data = json.loads(ok(stack, "alice", "jobs", "list", "-o", "json"))
+    assert {job["owner"] for job in data["jobs"]} == {"alice"}
+
+
+def test_another_users_job_is_not_found(stack: Stack) -> None:
+    job_id = start(stack, "bob", "wait", "30", "http://127.0.0.1:9/")
+    try:
+        for command in ("status", "stop", "tail"):
+            one_line_error(wn(stack, "alice", "jobs", command, job_id), f"job {job_id} not found")
+        assert status(stack, "carol", job_id)["owner"] == "bob"  # a viewer reads every job
+        assert status(stack, "admin", job_id)["state"] == "JOB_STATE_RUNNING"
+    finally:
+        ok(stack, "admin", "jobs", "stop", job_id)
+
+
+def test_viewer_cannot_start_or_stop(stack: Stack) -> None:
+    one_line_error(wn(stack, "carol", "jobs", "start", "noop"), "permission denied")
+    job_id = start(stack, "alice", "noop")
+    one_line_error(wn(stack, "carol", "jobs", "stop", job_id), "permission denied")
+
+
+def test_types(stack: Stack) -> None:
+    out = ok(stack, "carol", "jobs", "types")
+    for line in (
+        "noop - No-op",
+        "fib - Fibonacci",
+        "eval - Evaluate",
+        "wait - Wait",
+        "  Usage: workernator jobs start fib POSITION",
+        "    position (int, required, from 1 to 1000000)",
+    ):
+        assert line in out.splitlines(), out
+    data = json.loads(ok(stack, "carol", "jobs", "types", "-o", "json"))
+    assert [t["name"] for t in data["types"]] == ["noop", "fib", "eval", "wait"]
+
+
+# --- connection errors ------------------------------------------------------------------------
+
+
+def test_certificate_from_another_ca_is_refused(stack: Stack, tmp_path: Path) -> None:
+    other = certs.create_deployment(tmp_path / "other", ["localhost"], [("alice", "admin")])
+    cert, key = other.users["alice"]
+    proc = wn(
+        stack,
+        "alice",
+        "jobs",
+        "list",
+        env={"WORKERNATOR_CERT": str(cert), "WORKERNATOR_KEY": str(key)},
+    )
+    one_line_error(proc, f"cannot reach the API at {stack.address}")
+
+
+def test_server_not_trusted_by_our_ca(stack: Stack, tmp_path: Path) -> None:
+    other = certs.create_deployment(tmp_path / "other", ["localhost"], [])
+    proc = wn(stack, "alice", "jobs", "list", "--ca", str(other.ca_cert))
+    one_line_error(proc, "TLS handshake failed", "check --ca")
+
+
+def test_unreachable_api(stack: Stack) -> None:
+    proc = wn(stack, "alice", "jobs", "list", "--host", "127.0.0.1:1")
+    one_line_error(proc, "cannot reach the API at 127.0.0.1:1")
+
+
+def test_missing_certificate_setting(stack: Stack) -> None:
+    env = stack.env("alice") | {"WORKERNATOR_CONFIG": os.devnull}
+    del env["WORKERNATOR_KEY"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "workernator_api.cli", "jobs", "list"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    one_line_error(proc, "set --key or WORKERNATOR_KEY")
