@@ -554,8 +554,7 @@ def job_id_argument(f: _F) -> _F:
 @click.version_option(package_name="workernator", prog_name=PROG)
 @output_option
 def cli() -> None:
-    """Workernator: run typed jobs on a Linux host, each in its own sandbox, over gRPC with
-    mutual TLS.
+    """Workernator: run typed jobs on a Linux host, driven over gRPC with mutual TLS.
 
     \b
     Start here:
@@ -602,8 +601,8 @@ def jobs() -> None:
 def start() -> None:
     """Start a job of one of the types below; prints its ID.
 
-    The server validates the arguments (a bad one is an error naming it) and the job runs in
-    its own sandbox. 'workernator jobs types' shows the limits of each argument.
+    The server validates the arguments (a bad one is an error naming it) before anything
+    runs. 'workernator jobs types' shows the limits of each argument.
     """
 
 
