@@ -35,6 +35,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	PYTHON=$(BIN)/python bash scripts/check_proto.sh
+	@$(MAKE) --no-print-directory buf-lint
 
 # Regenerate workernator_api/_proto from proto/ (pinned grpcio-tools); commit the result.
 proto: $(STAMP)
