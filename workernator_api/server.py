@@ -7,10 +7,8 @@ forwards the request to the runner over its Unix socket. It holds no job state.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import catalog, ids, log
+from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, NotFound, WorkernatorError
 from shared.model import JobStatus
 from shared.protocol import MAX_NAME
@@ -286,42 +284,17 @@ class ApiServer:
         log.info("api stopped")
 
 
-async def serve(cfg: config_mod.ApiConfig) -> None:
-    server = ApiServer(cfg)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return service.main(
         prog="workernator-api",
         description="The Workernator API: gRPC over mTLS in front of the runner (unprivileged).",
+        default_path=config_mod.DEFAULT_PATH,
+        load=config_mod.load,
+        default=config_mod.ApiConfig,
+        service=ApiServer,
+        errors=(config_mod.ConfigError,),
+        argv=argv,
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help=f"TOML config file (default: {config_mod.DEFAULT_PATH} if it exists)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.config is not None:
-            cfg = config_mod.load(args.config)
-        elif config_mod.DEFAULT_PATH.exists():
-            cfg = config_mod.load(config_mod.DEFAULT_PATH)
-        else:
-            cfg = config_mod.ApiConfig()
-        log.setup(cfg.log_level)
-        asyncio.run(serve(cfg))
-    except (config_mod.ConfigError, OSError) as exc:
-        print(f"workernator-api: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ frame gets an error frame and closes that connection only.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import stat
 import struct
@@ -19,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shared import log
+from shared import log, service
 from shared import protocol as p
 from shared.errors import ErrorCode, WorkernatorError
 from shared.model import OutputChunk
@@ -178,18 +176,37 @@ class Server:
         path = self.config.socket
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _remove_stale_socket(path)
-        gid = self.config.socket_gid()
-        old_umask = os.umask(0o777 & ~self.config.socket_mode)  # born with the right mode
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
-        finally:
-            os.umask(old_umask)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, self.config.socket_mode)
+        self._server = await asyncio.start_unix_server(self._accept, sock=self._listen(path))
         log.info("runner listening", socket=str(path), allowed_uids=sorted(self.allowed_uids))
 
+    def _listen(self, path: Path) -> socket.socket:
+        """A listening socket at ``path`` with its final mode and group from the first moment:
+        it is made under a temporary name and renamed into place once it listens."""
+        gid = self.config.socket_gid()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777)  # nobody can connect until the mode is set
+        try:
+            sock.bind(str(tmp))
+        finally:
+            os.umask(old_umask)
+        try:
+            if gid is not None:
+                os.chown(tmp, -1, gid)
+            os.chmod(tmp, self.config.socket_mode)
+            sock.listen(128)
+            os.rename(tmp, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return sock
+
     async def stop(self) -> None:
+        log.info("shutting down; running jobs go on")
         if self._server is not None:
             self._server.close()
             for task in list(self._connections):
@@ -248,43 +265,17 @@ def _remove_stale_socket(path: Path) -> None:
     raise config_mod.ConfigError(f"another runner is already listening on {path}")
 
 
-async def serve(cfg: config_mod.RunnerConfig) -> None:
-    server = Server(cfg)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down; running jobs go on")
-    await server.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return service.main(
         prog="workernator-runner",
         description="The Workernator runner: runs jobs for the api over a Unix socket (root).",
+        default_path=config_mod.DEFAULT_PATH,
+        load=config_mod.load,
+        default=config_mod.RunnerConfig,
+        service=Server,
+        errors=(config_mod.ConfigError,),
+        argv=argv,
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help=f"TOML config file (default: {config_mod.DEFAULT_PATH} if it exists)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.config is not None:
-            cfg = config_mod.load(args.config)
-        elif config_mod.DEFAULT_PATH.exists():
-            cfg = config_mod.load(config_mod.DEFAULT_PATH)
-        else:
-            cfg = config_mod.RunnerConfig()
-        log.setup(cfg.log_level)
-        asyncio.run(serve(cfg))
-    except (config_mod.ConfigError, OSError) as exc:
-        print(f"workernator-runner: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

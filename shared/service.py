@@ -1,0 +1,75 @@
+"""What both daemons do alike: read the TOML config, set up logging, serve until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from shared import log
+
+
+class Configured(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+C = TypeVar("C", bound=Configured)
+
+
+def main(
+    *,
+    prog: str,
+    description: str,
+    default_path: Path,
+    load: Callable[[Path], C],
+    default: Callable[[], C],
+    service: Callable[[C], Service],
+    errors: tuple[type[Exception], ...],
+    argv: list[str] | None = None,
+) -> int:
+    """Run ``service`` until SIGTERM or SIGINT; ``errors`` become one line and exit status 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML config file (default: {default_path} if it exists)",
+    )
+    args = parser.parse_args(argv)
+    reported: tuple[type[Exception], ...] = (*errors, OSError)
+    try:
+        if args.config is not None:
+            cfg = load(args.config)
+        elif default_path.exists():
+            cfg = load(default_path)
+        else:
+            cfg = default()
+        log.setup(cfg.log_level)
+        asyncio.run(_serve(service(cfg)))
+    except reported as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(service: Service) -> None:
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
