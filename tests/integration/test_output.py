@@ -122,3 +122,16 @@ async def test_large_output_is_complete_and_in_order(manager: JobManager) -> Non
         total += len(chunk.data)
     assert manager.status(job.id).state is JobState.COMPLETED
     assert total == size
+
+
+async def test_job_ids_are_unique_even_when_a_drawn_id_is_taken(
+    manager: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import ids
+
+    first = await manager.start("noop", {}, "alice")
+    draws = iter([first.id, first.id, "SECOND"])
+    monkeypatch.setattr(ids, "new_job_id", lambda: next(draws))
+    second = await manager.start("noop", {}, "alice")
+    assert second.id == "SECOND"
+    assert {j.id for j in manager.list()} == {first.id, "SECOND"}
