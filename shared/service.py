@@ -56,14 +56,15 @@ def main(
         else:
             cfg = default()
         log.setup(cfg.log_level)
-        asyncio.run(_serve(service(cfg)))
+        asyncio.run(_serve(service, cfg))
     except reported as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(service: Service) -> None:
+async def _serve(make: Callable[[C], Service], cfg: C) -> None:
+    service = make(cfg)  # inside the event loop: a service may bind loop objects as it is built
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
