@@ -68,6 +68,14 @@ def _drip(args: Mapping[str, Any]) -> None:
         time.sleep(args["interval"])
 
 
+def _pieces(args: Mapping[str, Any]) -> None:
+    """Print the ``|``-separated pieces of ``text`` one by one, ``interval`` seconds apart."""
+    for piece in args["text"].split("|"):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        time.sleep(args["interval"])
+
+
 def _fail(args: Mapping[str, Any]) -> None:
     if args.get("crash"):
         raise RuntimeError("boom")
@@ -115,6 +123,16 @@ JOBS = (
             (ArgSpec("count", ArgKind.INT, "lines"), ArgSpec("interval", ArgKind.FLOAT, "s")),
         ),
         _drip,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "pieces",
+            "Pieces",
+            "prints pieces slowly",
+            (ArgSpec("text", ArgKind.STRING, "pieces"), ArgSpec("interval", ArgKind.FLOAT, "s")),
+        ),
+        _pieces,
         framed=False,
     ),
     Job(

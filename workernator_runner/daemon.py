@@ -28,7 +28,8 @@ MAX_REQUESTS_PER_CONNECTION = 256
 # A job status is at most about 26 KiB on the wire (a 4096-character expression, 64 variables,
 # a 4096-character error), so this many always fit in one frame.
 JOBS_PER_FRAME = 32
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = 128
+SHUTDOWN_CLOSE_SECONDS = 2.0  # at shutdown, how long a peer gets to take what was sent
 SOFTWARE = "workernator-runner 0.1"
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -52,10 +53,14 @@ class _Session:
         self.writer = writer
         self.conn = p.Connection(p.Role.SERVER)
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._write_lock = asyncio.Lock()
 
     async def send(self, message: p.ServerMessage) -> None:
-        self.writer.write(self.conn.send(message))
-        await self.writer.drain()
+        """Write one frame once the peer has read what came before: whatever the peer does,
+        this connection buffers at most one frame beyond the transport's high-water mark."""
+        async with self._write_lock:
+            self.writer.write(self.conn.send(message))
+            await self.writer.drain()
 
     async def run(self) -> None:
         await self.send(p.Hello(software=SOFTWARE))
@@ -79,7 +84,7 @@ class _Session:
                         continue
                     if message is None:
                         break
-                    self.dispatch(message)
+                    await self.dispatch(message)
         except p.ProtocolError as exc:
             log.warning("protocol error; closing connection", error=exc.message)
             with contextlib.suppress(ConnectionError):
@@ -89,7 +94,7 @@ class _Session:
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
-    def dispatch(self, message: p.Message) -> None:
+    async def dispatch(self, message: p.Message) -> None:
         if isinstance(message, p.Hello):  # the codec checked it is first and of our version
             return
         if isinstance(message, p.Cancel):
@@ -102,13 +107,12 @@ class _Session:
         if message.id in self.tasks:
             raise p.ProtocolError(f"request id {message.id} is already in use", message.id)
         if len(self.tasks) >= MAX_REQUESTS_PER_CONNECTION:
-            self.writer.write(
-                self.conn.send(
-                    p.ErrorReply(
-                        message.id,
-                        ErrorCode.RESOURCE_EXHAUSTED,
-                        f"more than {MAX_REQUESTS_PER_CONNECTION} requests in flight",
-                    )
+            # Waits for the peer to read: a peer that floods and never reads stops being read.
+            await self.send(
+                p.ErrorReply(
+                    message.id,
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"more than {MAX_REQUESTS_PER_CONNECTION} requests in flight",
                 )
             )
             return
@@ -229,8 +233,12 @@ class Server:
         finally:
             self._connections.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:  # a peer that does not read must not hold the runner up
+                await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_CLOSE_SECONDS)
+            except (TimeoutError, asyncio.CancelledError):
+                writer.transport.abort()
+            except Exception:  # noqa: S110 - the connection is gone either way
+                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

@@ -7,16 +7,19 @@ polling, including for jobs whose monitor was started by an earlier runner proce
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from dataclasses import dataclass
+
+from workernator_runner.linux import check as _check
+from workernator_runner.linux import libc as _libc
 
 IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_DELETE_SELF = 0x00000400
+IN_Q_OVERFLOW = 0x00004000  # events were lost (wd is -1)
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 
@@ -24,17 +27,9 @@ _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,15 @@
 
 It is a library: the daemon serves it over the Unix socket, and tests use it in-process.
 State lives on disk (see :mod:`workernator_runner.store`); the manager keeps a cache of every
-job's status, refreshed when the job's monitor rewrites ``state.json``. inotify tells it when a
-job's files change, so readers and stop waiters wake on new data without polling, also for jobs
-whose monitors an earlier runner process started.
+job's status. Two kernel notifications keep that cache true without polling:
+
+- a pidfd per running job's monitor: when the monitor exits, the manager re-reads the job's
+  state, and a job whose monitor died without recording its end is marked lost;
+- inotify on each running job's directory: output appends wake readers, and a rewritten
+  ``state.json`` refreshes the status as soon as the monitor records the end.
+
+Both work for monitors that an earlier runner process started, so a restarted runner re-adopts
+running jobs.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import os
 import shutil
 import signal
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,7 @@ from typing import Any
 from shared import ids, log
 from shared.errors import Internal, InvalidArgument, NotFound
 from shared.model import JobState, JobStatus, OutputChunk
-from workernator_runner import inotify, monitor, store
+from workernator_runner import inotify, linux, monitor, store
 from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import Registry, load_registry
 
@@ -41,7 +46,8 @@ class _Job:
     request: store.JobRequest
     state: store.JobState_
     dir: Path
-    wd: int | None = None  # inotify watch while the job runs
+    wd: int | None = None  # inotify watch on the directory while the job runs
+    pidfd: int | None = None  # the monitor, while the job runs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -60,7 +66,6 @@ class JobManager:
         self.registry = registry if registry is not None else load_registry(config.job_modules)
         self._jobs: dict[str, _Job] = {}
         self._by_wd: dict[int, _Job] = {}
-        self._children: dict[int, int] = {}  # pidfd -> pid of monitors this process forked
         self._inotify: inotify.Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -78,15 +83,12 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop serving. Running jobs go on: their monitors do not depend on this process."""
-        if self._loop is not None:
-            for pidfd in list(self._children):
-                self._loop.remove_reader(pidfd)
-                os.close(pidfd)
-            self._children.clear()
-            if self._inotify is not None:
-                self._loop.remove_reader(self._inotify.fd)
-                self._inotify.close()
-                self._inotify = None
+        for job in self._jobs.values():
+            self._unwatch(job)
+        if self._loop is not None and self._inotify is not None:
+            self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
 
     async def __aenter__(self) -> JobManager:
         await self.open()
@@ -101,40 +103,27 @@ class JobManager:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping unreadable job", dir=str(job_dir), error=str(exc))
             return
-        state = store.read_state(job_dir)
+        job = _Job(request, store.JobState_(), job_dir)
+        self._jobs[request.id] = job
+        self._watch(job)  # before reading the state, so an end recorded meanwhile is seen
+        try:
+            state = store.read_state(job_dir)
+        except ValueError as exc:
+            log.error("unreadable job state", job=request.id, error=str(exc))
+            state = None
         if state is None:
-            # The runner stopped while this job was starting: it never ran.
+            # The runner stopped while this job was starting (or its state is unreadable).
             state = store.JobState_(
-                state=JobState.FAILED, error="the runner stopped while the job was starting"
+                state=JobState.FAILED, error="the job's state was lost while it was starting"
             )
             store.write_state(job_dir, state)
-        job = _Job(request, state, job_dir)
-        self._jobs[request.id] = job
-        if state.state is JobState.RUNNING:
-            self._watch(job)
-            if not _monitor_alive(state):
-                self._lost(job)
-            else:
-                log.info("adopted running job", job=request.id, monitor=state.monitor_pid)
+        job.state = state
+        if state.state.finished:
+            self._unwatch(job)
+        elif self._watch_monitor(job, own_child=False):
+            log.info("adopted running job", job=request.id, monitor=state.monitor_pid)
 
-    def _lost(self, job: _Job) -> None:
-        """The monitor is gone without recording the end (crash, reboot): end the job FAILED."""
-        self._refresh(job)  # it may have recorded the end just before it exited
-        if job.state.state.finished:
-            return
-        # Kill what is left of the job, but only if its pid still names the job's process: after
-        # a reboot or a long time it may name anything.
-        if _same_process(job.state.job_pid, job.state.job_start):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(job.state.job_pid, signal.SIGKILL)
-        job.state.state = JobState.FAILED
-        job.state.ended_ns = job.state.ended_ns or time.time_ns()
-        job.state.error = "the job's monitor ended unexpectedly; the job was lost"
-        store.write_state(job.dir, job.state)
-        self._refresh(job)
-        log.error("job lost", job=job.request.id)
-
-    # --- inotify ------------------------------------------------------------------------------
+    # --- watching monitors and directories ----------------------------------------------------
 
     def _watch(self, job: _Job) -> None:
         assert self._inotify is not None
@@ -145,12 +134,50 @@ class JobManager:
         if job.wd is not None and self._inotify is not None:
             self._by_wd.pop(job.wd, None)
             self._inotify.rm_watch(job.wd)
-            job.wd = None
+        job.wd = None
+        if job.pidfd is not None and self._loop is not None:
+            self._loop.remove_reader(job.pidfd)
+            os.close(job.pidfd)
+        job.pidfd = None
+
+    def _watch_monitor(self, job: _Job, *, own_child: bool) -> bool:
+        """Learn when the job's monitor exits; False (and the job lost) if it already has."""
+        assert self._loop is not None
+        pid = job.state.monitor_pid
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, ValueError):
+            pidfd = -1
+        # The pidfd names one process: if the pid was reused before pidfd_open, the start time
+        # differs. (A monitor this process forked and has not reaped cannot have been replaced.)
+        if pidfd < 0 or not (
+            own_child or linux.same_process(pid, job.state.monitor_start, job.state.boot_id)
+        ):
+            if pidfd >= 0:
+                os.close(pidfd)
+            self._lost(job)
+            return False
+        job.pidfd = pidfd
+
+        def exited() -> None:
+            if own_child:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            self._refresh(job)
+            if not job.state.state.finished:
+                self._lost(job)
+
+        self._loop.add_reader(pidfd, exited)
+        return True
 
     def _on_inotify(self) -> None:
         assert self._inotify is not None
         touched: dict[str, tuple[_Job, bool]] = {}
         for event in self._inotify.read():
+            if event.mask & inotify.IN_Q_OVERFLOW:  # events were lost: look at everything
+                for watched in list(self._by_wd.values()):
+                    touched[watched.request.id] = (watched, True)
+                continue
             job = self._by_wd.get(event.wd)
             if job is None:
                 continue
@@ -165,8 +192,13 @@ class JobManager:
             job.notify()
 
     def _refresh(self, job: _Job) -> None:
+        """Re-read the job's state from disk and wake its waiters."""
         was_finished = job.state.state.finished
-        state = store.read_state(job.dir)
+        try:
+            state = store.read_state(job.dir)
+        except (OSError, ValueError) as exc:  # keep what we knew; the monitor rewrites it whole
+            log.error("unreadable job state", job=job.request.id, error=str(exc))
+            state = None
         if state is not None:
             job.state = state
         if job.state.state.finished and not was_finished:
@@ -179,6 +211,19 @@ class JobManager:
                 signal=job.state.signal,
             )
         job.notify()
+
+    def _lost(self, job: _Job) -> None:
+        """The monitor is gone without recording the end (crash, reboot): end the job FAILED."""
+        self._refresh(job)  # it may have recorded the end just before it exited
+        if job.state.state.finished:
+            return
+        _kill_job_group(job.state)
+        job.state.state = JobState.FAILED
+        job.state.ended_ns = job.state.ended_ns or time.time_ns()
+        job.state.error = "the job's monitor ended unexpectedly; the job was lost"
+        store.write_state(job.dir, job.state)
+        self._refresh(job)
+        log.error("job lost", job=job.request.id)
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -205,7 +250,7 @@ class JobManager:
         job_id, job_dir = self._allocate()
         request = store.JobRequest(job_id, job_type, clean_args, owner, time.time_ns())
         job = _Job(request, store.JobState_(), job_dir)
-        ready_r = -1
+        pid = 0
         try:
             store.write_request(job_dir, request)
             os.close(os.open(job_dir / store.OUTPUT_FILE, os.O_CREAT | os.O_EXCL, 0o600))
@@ -214,27 +259,29 @@ class JobManager:
             launch = monitor.Launch(job_dir, job_spec, clean_args, self.config.stop_grace_seconds)
             try:
                 pid = monitor.spawn(launch, ready_w)
+            except BaseException:
+                os.close(ready_r)
+                raise
             finally:
                 os.close(ready_w)
-            self._reap_later(pid)
             report = await asyncio.wait_for(_read_pipe(ready_r), START_TIMEOUT_SECONDS)
-            ready_r = -1
             result = json.loads(report or b'{"ok": false, "error": "the monitor died"}')
             if not result.get("ok"):
                 raise Internal(f"job could not start: {result.get('error', 'unknown error')}")
+            job.state = _expect_state(job_dir)
         except BaseException:
-            if ready_r >= 0:
-                os.close(ready_r)
+            # Failed, timed out or cancelled: end whatever started and remove every trace.
             self._unwatch(job)
+            if pid:
+                _kill_monitor(pid)
+            with contextlib.suppress(OSError, ValueError):
+                _kill_job_group(store.read_state(job_dir) or store.JobState_())
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        state = store.read_state(job_dir)
-        assert state is not None  # the monitor writes it before it reports success
-        job.state = state
         self._jobs[job_id] = job
-        if state.state.finished:  # already over (a very short job): no need to watch
-            self._unwatch(job)
-        log.info("job started", job=job_id, type=job_type, owner=owner, pid=state.job_pid)
+        if self._watch_monitor(job, own_child=True):
+            self._refresh(job)  # a very short job may have ended already
+        log.info("job started", job=job_id, type=job_type, owner=owner, pid=job.state.job_pid)
         return job.status
 
     def _allocate(self) -> tuple[str, Path]:
@@ -248,29 +295,16 @@ class JobManager:
             return job_id, job_dir
         raise Internal("could not allocate a job id")
 
-    def _reap_later(self, pid: int) -> None:
-        """Reap a monitor this process forked when it exits, without blocking the loop."""
-        assert self._loop is not None
-        pidfd = os.pidfd_open(pid)
-        self._children[pidfd] = pid
-
-        def reap() -> None:
-            assert self._loop is not None
-            self._loop.remove_reader(pidfd)
-            os.close(pidfd)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self._children.pop(pidfd), 0)
-
-        self._loop.add_reader(pidfd, reap)
-
     async def stop(self, job_id: str) -> JobStatus:
         """Stop a job and return once it is gone. Stopping a finished job is not an error."""
         job = self._get(job_id)
         if job.state.state.finished:
             return job.status
-        if not _signal_monitor(job.state, signal.SIGTERM):
+        if job.pidfd is None:
             self._lost(job)
             return job.status
+        with contextlib.suppress(ProcessLookupError):  # it has just exited: nothing to stop
+            signal.pidfd_send_signal(job.pidfd, signal.SIGTERM)
         log.info("stopping job", job=job_id)
         deadline = time.monotonic() + self.config.stop_grace_seconds + STOP_MARGIN_SECONDS
         while not job.state.state.finished:
@@ -280,8 +314,6 @@ class JobManager:
                 raise Internal(f"job {job_id} did not end after it was stopped")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-            if not job.state.state.finished and not _monitor_alive(job.state):
-                self._lost(job)
         return job.status
 
     async def read_output(
@@ -314,22 +346,17 @@ class JobManager:
         path = job.dir / store.OUTPUT_FILE
         if from_ is not None and last is not None:
             raise InvalidArgument("give either an offset or a number of last lines, not both")
-        first: builtins.list[OutputChunk] = []
+        head: OutputChunk | None = None
         if last is not None:
-            first, start = _last_lines(path, last)
+            # A scan of the whole file: in a thread, so the runner goes on serving meanwhile.
+            head, start = await asyncio.to_thread(_last_lines, path, last)
         else:
             start = from_ or 0
             if start > path.stat().st_size:
                 raise InvalidArgument(f"offset {start} is past the end of the output")
         with store.RecordReader(path, start) as reader:
-            batch: builtins.list[OutputChunk] = []
-            for chunk in first:  # the last lines, in batches like the rest
-                batch.append(chunk)
-                if sum(len(c.data) for c in batch) >= max_bytes:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+            if head is not None:
+                yield [head]
             while True:
                 changed = job.changed  # before reading, so no change can slip in between
                 finished = job.state.state.finished
@@ -343,85 +370,90 @@ class JobManager:
                 await changed.wait()
 
 
-def _last_lines(path: Path, count: int) -> tuple[list[OutputChunk], int]:
-    """The records holding the last ``count`` lines (the first one trimmed), and where to go on."""
-    window: deque[tuple[OutputChunk, int]] = deque()
-    lines_in_window = 0
+def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:
+    """Where the last ``count`` lines begin: the rest of the record they begin in (or None),
+    and the offset to read on from. Two passes over the file, constant memory.
+
+    Lines end with a newline, whichever stream wrote them; output that does not end with a
+    newline counts as one more line.
+    """
+    newlines = 0
+    ends_open = False
     end = 0
     for chunk in store.iter_records(path):
+        newlines += chunk.data.count(b"\n")
+        ends_open = not chunk.data.endswith(b"\n")
         end = chunk.next_offset
-        if count == 0:
-            continue
-        lines = chunk.data.count(b"\n") + (0 if chunk.data.endswith(b"\n") else 1)
-        window.append((chunk, lines))
-        lines_in_window += lines
-        while window and lines_in_window - window[0][1] >= count:
-            lines_in_window -= window.popleft()[1]
-    chunks = [c for c, _ in window]
-    if chunks and lines_in_window > count:
-        head = chunks[0]
-        keep = head.data.split(b"\n")  # a trailing "" after the final newline is not a line
-        extra = lines_in_window - count
-        data = b"\n".join(keep[extra:])
-        chunks[0] = OutputChunk(head.offset, head.next_offset, head.timestamp_ns, head.stream, data)
-    return chunks, end
+    skip = newlines + ends_open - count  # lines before the ones wanted
+    if skip <= 0:
+        return None, 0
+    if skip > newlines:  # no lines wanted (count is 0): only what comes next
+        return None, end
+    seen = 0
+    for chunk in store.iter_records(path):
+        here = chunk.data.count(b"\n")
+        if seen + here >= skip:
+            cut = -1
+            for _ in range(skip - seen):  # the newline that ends the last skipped line
+                cut = chunk.data.index(b"\n", cut + 1)
+            rest = chunk.data[cut + 1 :]
+            head = (
+                OutputChunk(chunk.offset, chunk.next_offset, chunk.timestamp_ns, chunk.stream, rest)
+                if rest
+                else None
+            )
+            return head, chunk.next_offset
+        seen += here
+    raise AssertionError("the output shrank while it was read")
+
+
+def _expect_state(job_dir: Path) -> store.JobState_:
+    state = store.read_state(job_dir)
+    if state is None:
+        raise Internal("the job's monitor reported a start but recorded no state")
+    return state
+
+
+def _kill_monitor(pid: int) -> None:
+    """SIGKILL a monitor this process forked, and reap it. Its job dies with it (the job's
+    parent-death signal); what else the job started, the caller kills by process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid cannot name anyone else
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _kill_job_group(state: store.JobState_) -> None:
+    """SIGKILL what is left of a job whose monitor is gone, but only if the recorded pid still
+    names the job's process in this boot: after a reboot or a long time it may name anything."""
+    if linux.same_process(state.job_pid, state.job_start, state.boot_id):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(state.job_pid, signal.SIGKILL)
 
 
 async def _read_pipe(fd: int) -> bytes:
-    """Read ``fd`` to EOF without blocking the loop, then close it."""
+    """Read ``fd`` to EOF without blocking the loop; always closes it."""
     loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    data = bytearray()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        if chunk:
-            data.extend(chunk)
-        elif not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
     try:
-        await done
+        os.set_blocking(fd, False)
+        data = bytearray()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            if chunk:
+                data.extend(chunk)
+            elif not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
     return bytes(data)
-
-
-def _same_process(pid: int, start_time: int) -> bool:
-    """Is ``pid`` still the process that started at ``start_time``? False when unknown."""
-    if not pid or not start_time:
-        return False
-    try:
-        return monitor.process_start_time(pid) == start_time
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def _monitor_alive(state: store.JobState_) -> bool:
-    return bool(state.monitor_pid) and _same_process(state.monitor_pid, state.monitor_start)
-
-
-def _signal_monitor(state: store.JobState_, sig: int) -> bool:
-    """Signal the job's monitor, making sure the pid still names it; False if it is gone."""
-    try:
-        pidfd = os.pidfd_open(state.monitor_pid)
-    except ProcessLookupError:
-        return False
-    try:
-        # The pidfd names one process: if the pid was reused before pidfd_open, the start time
-        # differs; if the process ends after this check, the signal fails instead of reaching
-        # a newcomer.
-        if not _same_process(state.monitor_pid, state.monitor_start):
-            return False
-        signal.pidfd_send_signal(pidfd, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(pidfd)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from shared.model import JobState, Stream
-from workernator_runner import store
+from workernator_runner import linux, store
 from workernator_runner.jobs import Job, JobFailed
 
 PARTIAL_LINE_FLUSH_SECONDS = 0.05  # a line without its newline yet is written after this long
@@ -50,13 +50,6 @@ class Launch:
     grace_seconds: float
 
 
-def process_start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks after boot: with the pid, it names one process."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
 def spawn(launch: Launch, ready_fd: int) -> int:
     """Fork the monitor; returns its pid. It reports start success or failure on ``ready_fd``."""
     pid = os.fork()
@@ -78,12 +71,16 @@ def _forget_parent_objects() -> None:
     gc.freeze()
 
 
-def _report(fd: int, message: dict[str, Any]) -> None:
+def _report(fd: int, message: dict[str, Any]) -> bool:
+    """Tell the runner how the start went; False if it is no longer listening."""
     try:
         os.write(fd, json.dumps(message).encode())
-        os.close(fd)
-    except OSError:
-        pass
+        return True
+    except OSError:  # EPIPE: the runner gave up on this start, or died
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _detach(keep: set[int]) -> None:
@@ -114,14 +111,16 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed ready pipe is an error, not death
 
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
+    monitor_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
         _forget_parent_objects()
-        _job_process(launch, out_w, err_w, setup_w)
+        _job_process(launch, monitor_pid, out_w, err_w, setup_w)
     for fd in (out_w, err_w, setup_w):
         os.close(fd)
     pidfd = os.pidfd_open(pid)
@@ -135,14 +134,19 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
 
     state = store.JobState_(
         state=JobState.RUNNING,
-        monitor_pid=os.getpid(),
-        monitor_start=process_start_time(os.getpid()),
+        monitor_pid=monitor_pid,
+        monitor_start=linux.process_start_time(monitor_pid),
         job_pid=pid,
-        job_start=process_start_time(pid),  # not reaped yet: /proc/<pid> is still there
+        job_start=linux.process_start_time(pid),  # not reaped yet: /proc/<pid> is still there
+        boot_id=linux.boot_id(),
         started_ns=time.time_ns(),
     )
     store.write_state(job_dir, state)
-    _report(ready_fd, {"ok": True})
+    if not _report(ready_fd, {"ok": True}):
+        # Nobody will ever know this job started: end it, leave the cleanup to the runner.
+        _killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return 1
 
     pump = _Pump(output_fd)
     wait_status, rusage = _supervise(pid, pidfd, out_r, err_r, wake_r, pump, launch, state)
@@ -311,9 +315,16 @@ def _finish(state: store.JobState_, wait_status: int, rusage: Any, write_error: 
 # --- the job process --------------------------------------------------------------------------
 
 
-def _job_process(launch: Launch, out_w: int, err_w: int, setup_w: int) -> NoReturn:
+def _job_process(
+    launch: Launch, monitor_pid: int, out_w: int, err_w: int, setup_w: int
+) -> NoReturn:
     """Set up the job process, tell the monitor, run the job. Never returns."""
     try:
+        # Die with the monitor: without it nobody could stop this job or read its output.
+        # (Credential changes clear this: set it again after dropping privileges.)
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != monitor_pid:  # the monitor died before the line above
+            os._exit(1)
         os.setsid()  # its own process group: stop signals the whole group
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)

@@ -29,6 +29,7 @@ OUTPUT_FILE = "output"
 
 MAX_RECORD_DATA = 64 * 1024  # bytes of output in one record
 READ_SIZE = 64 * 1024
+MAX_BATCH_CHUNKS = 1024  # records in one batch; with the byte limit, a batch fits one frame
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class JobState_:
     monitor_start: int = 0  # start time of the monitor in clock ticks since boot (pid reuse)
     job_pid: int = 0
     job_start: int = 0  # start time of the job's main process, like monitor_start
+    boot_id: str = ""  # the boot the pids and start times belong to
     started_ns: int | None = None
     ended_ns: int | None = None
     exit_code: int | None = None
@@ -65,7 +67,9 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
+        view = memoryview(json.dumps(data, sort_keys=True).encode())
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -103,12 +107,16 @@ def write_state(job_dir: Path, state: JobState_) -> None:
 
 
 def read_state(job_dir: Path) -> JobState_ | None:
+    """The job's state, or None when there is no state file yet; ValueError when unreadable."""
     try:
         data = json.loads((job_dir / STATE_FILE).read_bytes())
     except FileNotFoundError:
         return None
-    data["state"] = JobState(data["state"])
-    return JobState_(**data)
+    try:
+        data["state"] = JobState(data["state"])
+        return JobState_(**data)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{job_dir / STATE_FILE}: {exc!r}") from None
 
 
 def to_status(request: JobRequest, state: JobState_) -> JobStatus:
@@ -156,11 +164,14 @@ class RecordReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read_available(self, max_bytes: int = 256 * 1024) -> list[OutputChunk]:
-        """Complete records from the current position, up to about ``max_bytes`` of data."""
+    def read_available(
+        self, max_bytes: int = 256 * 1024, max_chunks: int = MAX_BATCH_CHUNKS
+    ) -> list[OutputChunk]:
+        """Complete records from the current position: at most ``max_chunks`` of them, and
+        no more once ``max_bytes`` of data is reached (so at most one record beyond it)."""
         chunks: list[OutputChunk] = []
         size = 0
-        while size < max_bytes:
+        while size < max_bytes and len(chunks) < max_chunks:
             chunk = self._next()
             if chunk is None:
                 break

@@ -361,3 +361,22 @@ def test_a_job_module_that_cannot_be_imported_is_a_one_line_error(
         "workernator-runner: job module 'no_such_module_wn' cannot be imported: "
         "ModuleNotFoundError(\"No module named 'no_such_module_wn'\")"
     ]
+
+
+async def test_a_peer_that_stops_reading_cannot_hold_up_shutdown(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "spew", {"size": 50 * 1024 * 1024})
+        await _tail_all(client, job.id)
+    with _raw_connect(str(daemon.config.socket)) as s:
+        request = {
+            "type": "request",
+            "id": 1,
+            "op": "tail",
+            "caller": CALLER,
+            "args": {"job_id": job.id, "follow": True},
+        }
+        s.sendall(HELLO + _frame(request))
+        await asyncio.sleep(0.5)  # the runner fills the socket buffers, then waits on us
+        t0 = time.monotonic()
+        await asyncio.to_thread(daemon.stop)
+        assert time.monotonic() - t0 < 10

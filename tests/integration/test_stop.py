@@ -94,7 +94,7 @@ async def test_a_lost_job_is_failed_without_killing_a_process_that_reused_its_pi
     import json
     import subprocess
 
-    from workernator_runner import monitor, store
+    from workernator_runner import linux, store
 
     job = await manager.start("drip", {"count": 1, "interval": 60}, "alice")
     await manager.stop(job.id)
@@ -108,7 +108,7 @@ async def test_a_lost_job_is_failed_without_killing_a_process_that_reused_its_pi
             state="RUNNING",
             ended_ns=None,
             job_pid=bystander.pid,
-            job_start=monitor.process_start_time(bystander.pid) - 1,  # not the same process
+            job_start=linux.process_start_time(bystander.pid) - 1,  # not the same process
             monitor_pid=bystander.pid,
             monitor_start=1,
         )
