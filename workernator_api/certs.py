@@ -37,10 +37,13 @@ __all__ = [
     "MAX_USER_LENGTH",
     "ROLES",
     "SERVER_CERT_FILE",
+    "SERVER_KEY_CURVES",
     "SERVER_KEY_FILE",
     "Deployment",
     "InvalidIdentityError",
     "PrivateKey",
+    "ServerKeyError",
+    "check_server_key_pair",
     "create_ca",
     "create_client_cert",
     "create_deployment",
@@ -60,6 +63,9 @@ __all__ = [
 
 PrivateKey = ec.EllipticCurvePrivateKey
 """The only key type this module creates or accepts: ECDSA on P-256 (secp256r1)."""
+
+SERVER_KEY_CURVES: dict[str, str] = {"secp256r1": "P-256", "secp384r1": "P-384"}
+"""The curves the api server accepts for its own key (grpcio peers handshake with both)."""
 
 ROLES: tuple[str, ...] = ("admin", "user", "viewer")
 """The roles a client certificate may carry in O (design section 8)."""
@@ -530,6 +536,48 @@ def load_key(path: str | os.PathLike[str]) -> PrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise ValueError(f"{path}: not an ECDSA P-256 private key")
     return key
+
+
+class ServerKeyError(ValueError):
+    """The api server's private key cannot be used (see :func:`check_server_key_pair`)."""
+
+
+def _describe_key(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"EC on {key.curve.name}"
+    size = getattr(key, "key_size", None)
+    kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey") or "unknown"
+    return f"{kind}, {size} bits" if size else kind
+
+
+def check_server_key_pair(key_pem: bytes, cert_pem: bytes) -> None:
+    """Check the api server's key and certificate before serving with them.
+
+    The key must be ECDSA on P-256 or P-384: TLS 1.3-only rests on it, since the TLS 1.2
+    cipher suites left enabled are RSA-authenticated ones, which an EC key cannot use (with an
+    RSA key, TLS 1.2 handshakes would succeed). The key must belong to the certificate.
+    Raises :class:`ServerKeyError` about the key, and a plain :class:`ValueError` when the
+    certificate file holds no certificate.
+    """
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ServerKeyError("the key is encrypted; the server needs an unencrypted key") from None
+    except ValueError:
+        raise ServerKeyError("not a PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SERVER_KEY_CURVES:
+        raise ServerKeyError(
+            "the server key must be an ECDSA key on P-256 or P-384 (TLS 1.3-only relies on "
+            f"it); this one is {_describe_key(key)}"
+        )
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise ValueError("not a PEM certificate") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ServerKeyError("the key does not belong to the server certificate")
 
 
 def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:

@@ -18,7 +18,8 @@ the config file (``--config``, ``WORKERNATOR_CONFIG``, or ``~/.config/workernato
 and for the host only, the default ``localhost:8443``.
 
 Errors are one line on stderr and a non-zero exit status: 1 for a failed request, 2 for a
-command line that does not parse (click's usage errors), 130 for an interrupted tail.
+command line that does not parse (click's usage errors). Ctrl-C exits 130, quietly, at any
+moment (see :mod:`workernator_api.interrupt`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import dataclasses
 import datetime
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -42,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from google.protobuf.duration_pb2 import Duration
 
-from workernator_api import certs
+from workernator_api import certs, interrupt
 from workernator_api import cli_format as fmt
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
@@ -56,12 +59,16 @@ PROG = "workernator"
 DEFAULT_PORT = 8443
 DEFAULT_HOST = f"localhost:{DEFAULT_PORT}"
 UNARY_TIMEOUT_SECONDS = 30.0
-"""Deadline of every call but tail (which lasts as long as the job when it follows)."""
+"""Deadline of every call but stop and tail (which lasts as long as the job when it follows)."""
+STOP_TIMEOUT_SECONDS = 3700.0
+"""Deadline of stop, which returns once the job is gone: the server's grace period (at most an
+hour) and then some, as the API server allows."""
 CONNECT_TIMEOUT_MS = 5000
 """How long connecting (TCP and TLS) may take before a call fails."""
 COMPLETION_TIMEOUT_SECONDS = 2.0
+LIST_PAGE_SIZE = 500
+"""Jobs asked for per ListJobs call; the CLI follows next_page_token to the end."""
 TAIL_END_MESSAGE = "Job finished, no more output, exiting tail!"
-EXIT_INTERRUPTED = 130
 
 _SERVICE = "/workernator.v1.JobService/"
 _CLIENT_KEYS = ("host", "cert", "key", "ca")
@@ -69,6 +76,7 @@ _ENV = {name: f"WORKERNATOR_{name.upper()}" for name in (*_CLIENT_KEYS, "config"
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_Item = TypeVar("_Item")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -252,7 +260,9 @@ class Api:
     """A typed client of ``workernator.v1.JobService`` (the generated stub is untyped).
 
     Unary calls have a deadline and never wait for the server to become ready, so an unreachable
-    server fails within the connect timeout instead of hanging.
+    server fails within the connect timeout instead of hanging. Every wait for the server is
+    an :func:`interrupt.deferred` one: Ctrl-C cancels the call and raises
+    :class:`interrupt.Interrupted`.
     """
 
     def __init__(self, conn: Connection, *, timeout: float = UNARY_TIMEOUT_SECONDS) -> None:
@@ -297,14 +307,29 @@ class Api:
             response_deserializer=pb.ListJobTypesResponse.FromString,
         )
 
-    def _call(self, rpc: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req) -> _Resp:
-        return rpc(request, timeout=self._timeout, wait_for_ready=False)
+    def _call(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None = None,
+    ) -> _Resp:
+        deadline = self._timeout if timeout is None else timeout
+        future = rpc.future(request, timeout=deadline, wait_for_ready=False)
+        with interrupt.deferred():
+            while not interrupt.requested():
+                try:
+                    return future.result(timeout=interrupt.POLL_SECONDS)
+                except grpc.FutureTimeoutError:
+                    continue
+            future.cancel()
+        raise AssertionError("unreachable: leaving deferred() raises Interrupted")
 
     def start(self, request: pb.StartJobRequest) -> pb.JobStatus:
         return self._call(self._start, request).job
 
     def stop(self, job_id: str) -> pb.JobStatus:
-        return self._call(self._stop, pb.StopJobRequest(job_id=job_id)).job
+        request = pb.StopJobRequest(job_id=job_id)
+        return self._call(self._stop, request, timeout=STOP_TIMEOUT_SECONDS).job
 
     def status(self, job_id: str) -> pb.JobStatus:
         return self._call(self._status, pb.GetJobStatusRequest(job_id=job_id)).job
@@ -312,8 +337,18 @@ class Api:
     def list_jobs(
         self, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, owner: str = ""
     ) -> list[pb.JobStatus]:
-        request = pb.ListJobsRequest(state=state, owner=owner)
-        return list(self._call(self._list, request).jobs)
+        """Every matching job, oldest first, asked for a page at a time."""
+        jobs: list[pb.JobStatus] = []
+        token = ""
+        while True:
+            request = pb.ListJobsRequest(
+                state=state, owner=owner, page_size=LIST_PAGE_SIZE, page_token=token
+            )
+            response = self._call(self._list, request)
+            jobs.extend(response.jobs)
+            if not response.next_page_token or response.next_page_token == token:
+                return jobs
+            token = response.next_page_token
 
     def job_types(self) -> list[pb.JobTypeInfo]:
         return list(self._call(self._types, pb.ListJobTypesRequest()).types)
@@ -321,15 +356,60 @@ class Api:
     def tail(
         self, request: pb.TailJobOutputRequest
     ) -> Generator[pb.TailJobOutputResponse, None, None]:
-        """The output stream (no deadline); closing the generator cancels the call."""
+        """The output stream (no deadline); closing the generator cancels the call.
+
+        A thread of its own reads the stream, so this thread only waits on a queue (deferring
+        Ctrl-C, see :class:`Api`), and handles each response between waits.
+        """
         call = self._tail(request, wait_for_ready=False)
+        responses: queue.Queue[pb.TailJobOutputResponse | grpc.RpcError | None] = queue.Queue(8)
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                for response in call:
+                    if not _put(responses, response, done):
+                        return
+                _put(responses, None, done)
+            except grpc.RpcError as exc:
+                _put(responses, exc, done)
+
+        reader = threading.Thread(target=read, name="workernator-tail", daemon=True)
+        reader.start()
         try:
-            yield from call
+            while (item := _get(responses)) is not None:
+                if isinstance(item, grpc.RpcError):
+                    raise item
+                yield item
         finally:
+            done.set()
             call.cancel()
+            reader.join(timeout=1)
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _get(items: queue.Queue[_Item]) -> _Item:
+    """The next item of ``items``; Ctrl-C raises :class:`interrupt.Interrupted` instead."""
+    with interrupt.deferred():
+        while not interrupt.requested():
+            try:
+                return items.get(timeout=interrupt.POLL_SECONDS)
+            except queue.Empty:
+                continue
+    raise AssertionError("unreachable: leaving deferred() raises Interrupted")
+
+
+def _put(items: queue.Queue[_Item], item: _Item, done: threading.Event) -> bool:
+    """Put ``item`` into ``items`` unless ``done`` is set first; True when it was put."""
+    while not done.is_set():
+        try:
+            items.put(item, timeout=interrupt.POLL_SECONDS)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 _TRANSPORT = re.compile(
@@ -724,7 +804,7 @@ def status(ctx: click.Context, job_id: str, verbose: bool) -> None:
             click.echo(f"Getting info for job {job_id}... ", nl=False)
         try:
             job = api.status(job_id)
-        except BaseException:
+        except Exception:  # not on Ctrl-C, which exits quietly
             if progress:
                 click.echo("FAILED!")
             raise
@@ -842,8 +922,6 @@ def tail(
             with contextlib.closing(api.tail(request)) as responses:
                 for response in responses:
                     writer.write(response)
-        except KeyboardInterrupt:
-            ctx.exit(EXIT_INTERRUPTED)
         except grpc.RpcError as exc:
             if writer.next_offset is None:
                 raise  # nothing came: the usual error
@@ -887,7 +965,7 @@ def list_jobs(ctx: click.Context, state: str | None, owner: str | None) -> None:
             _STATES[state.lower()] if state else pb.JOB_STATE_UNSPECIFIED, owner or ""
         )
     if settings.json:
-        _print_json(fmt.message_to_dict(pb.ListJobsResponse(jobs=found)))
+        _print_json({"jobs": [fmt.message_to_dict(job) for job in found]})  # all pages
     elif not found:
         click.echo("No jobs.")
     else:
@@ -1241,9 +1319,14 @@ def completion(shell: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``workernator`` console script."""
+    interrupt.install()
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name=PROG)
+    except interrupt.Interrupted:
+        interrupt.exit_quietly()
     except Exception as exc:
+        if interrupt.requested():  # whatever the interrupt broke on its way
+            interrupt.exit_quietly()
         if os.environ.get("WORKERNATOR_DEBUG"):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -98,10 +98,21 @@ _DURATION_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
 _PLAIN_NUMBER = re.compile(_NUMBER)
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, maximum: float = catalog.MAX_WAIT_SECONDS) -> float:
     """Seconds in ``text``: a plain number of seconds (``5``, ``2.5``) or a sequence of numbers
     with units ``d``, ``h``, ``m``, ``s``, ``ms``, largest first (``1m30s``, ``500ms``,
-    ``1h2m3.5s``). Raise :class:`ValueError` with a message for people otherwise."""
+    ``1h2m3.5s``), at most ``maximum`` (by default the longest wait a job may have). Raise
+    :class:`ValueError` with a message for people otherwise."""
+    seconds = _parse_duration(text)
+    if seconds > maximum:
+        raise ValueError(
+            f"{text.strip()!r} is too long: at most {format_duration(maximum, precise=True)} "
+            f"({maximum:g} seconds)"
+        )
+    return seconds
+
+
+def _parse_duration(text: str) -> float:
     value = text.strip().lower()
     if not value:
         raise ValueError("empty duration")

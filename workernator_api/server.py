@@ -8,28 +8,53 @@ forwards the request to the runner over its Unix socket. It holds no job state.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import catalog, ids, log, service
-from shared.errors import ErrorCode, NotFound, WorkernatorError
-from shared.model import JobStatus
-from shared.protocol import MAX_NAME
+from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
+from shared.model import JobState, JobStatus
+from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
 from workernator_api import authz, certs, convert
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
+from workernator_api.limits import ConcurrencyLimit
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+# Deadlines of unary calls, connecting to the runner included. Stop waits for the runner to
+# stop the job: up to its stop_grace_seconds (at most 3600, a runner setting the api cannot
+# see) plus 10 s, so Stop gets the longest grace and a margin.
 UNARY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 3700.0
+
+# Concurrency limits (docs/architecture.md section 9). Over a per-user or total limit a call
+# fails at once with RESOURCE_EXHAUSTED; only the shared connection's budget makes calls wait.
+MAX_CONCURRENT_RPCS = 2048  # every RPC of the grpc server together (grpc enforces it)
+MAX_UNARY_PER_USER = 64  # unary calls of one user in flight
+MAX_RUNNER_REQUESTS = 200  # requests in flight on the shared runner connection, which the
+# runner caps at 256; further calls wait for a place, within their deadline
+MAX_TAILS_PER_USER = 32  # open TailJobOutput streams of one user
+MAX_TAILS = 120  # open streams in all. Each has a runner connection of its own and the runner
+# accepts 128 connections (the shared one included): the api refuses first, and says why
+
+# ListJobs paging.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500  # larger page sizes are lowered to this
+MAX_PAGE_BYTES = 2 << 20  # a page ends early rather than grow past this (clients take 4 MiB)
+_PAGE_TOKEN = re.compile(r"(\d{1,19}):([A-Z0-9]{6})")
 
 GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,6 +96,10 @@ class JobService(pb_grpc.JobServiceServicer):
         self.health = health_servicer
         self._shared: RunnerClient | None = None
         self._connect_lock = asyncio.Lock()
+        self.unary_calls = ConcurrencyLimit("requests", per_user=MAX_UNARY_PER_USER)
+        self.tails = ConcurrencyLimit(
+            "output streams", per_user=MAX_TAILS_PER_USER, total=MAX_TAILS
+        )
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -78,7 +107,9 @@ class JobService(pb_grpc.JobServiceServicer):
         """The shared runner connection for unary calls, reconnecting when it broke."""
         async with self._connect_lock:
             if self._shared is None or not self._shared.connected:
-                client = RunnerClient(self.runner_socket)
+                if self._shared is not None:
+                    await self._shared.close()
+                client = RunnerClient(self.runner_socket, max_in_flight=MAX_RUNNER_REQUESTS)
                 try:
                     await client.connect()
                 except RunnerUnavailable:
@@ -100,24 +131,38 @@ class JobService(pb_grpc.JobServiceServicer):
         if self._shared is not None:
             await self._shared.close()
 
+    async def _unary(
+        self,
+        identity: authz.Identity,
+        action: Callable[[authz.Identity, RunnerClient], Awaitable[T]],
+        seconds: float,
+    ) -> T:
+        """Run ``action`` on the shared runner connection, within the caller's share of it and
+        a deadline of ``seconds`` (which covers waiting for a slot and connecting too)."""
+        with self.unary_calls.hold(identity.user):
+            try:
+                async with asyncio.timeout(seconds):
+                    runner = await self._runner()
+                    return await action(identity, runner)
+            except TimeoutError:
+                raise _Denied(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the runner did not answer within {seconds:g} seconds",
+                ) from None
+
     async def _call(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         action: Callable[[authz.Identity, RunnerClient], Awaitable[T]],
+        seconds: float | None = None,
     ) -> T:
-        """Authenticate, run ``action`` against the runner, and map every error to a status."""
+        """Authenticate, run ``action`` against the runner within ``seconds`` (default
+        :data:`UNARY_TIMEOUT_SECONDS`), and map every error to a status."""
         try:
-            identity = identity_of(context)
-            runner = await self._runner()
-            return await asyncio.wait_for(action(identity, runner), UNARY_TIMEOUT_SECONDS)
-        except _Denied as exc:
-            await context.abort(exc.code, exc.message)
-        except RunnerUnavailable as exc:
-            log.error("runner unavailable", error=exc.message)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the runner is not available")
-        except WorkernatorError as exc:
-            await context.abort(GRPC_CODES[exc.code], exc.message)
-        raise AssertionError("unreachable: abort raises")
+            limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
+            return await self._unary(identity_of(context), action, limit)
+        except Exception as exc:
+            await _abort(context, exc)
 
     @staticmethod
     def _require(identity: authz.Identity, action: authz.Action) -> None:
@@ -136,7 +181,8 @@ class JobService(pb_grpc.JobServiceServicer):
         if not ids.is_job_id(job_id):  # cannot name a job; the runner need not be asked
             raise NotFound(f"job {job_id!r} not found")
         job = await runner.status(identity.user, identity.role, job_id)
-        if not authz.may_touch(identity, action, job.owner):
+        # Jobs of types the api does not offer (extra runner job modules) do not exist here.
+        if job.type not in convert.JOB_TYPES or not authz.may_touch(identity, action, job.owner):
             raise NotFound(f"job {job_id!r} not found")
         return job
 
@@ -165,7 +211,7 @@ class JobService(pb_grpc.JobServiceServicer):
             log.info("job stopped", job=job.id, user=identity.user)
             return pb.StopJobResponse(job=_status(job))
 
-        return await self._call(context, stop)
+        return await self._call(context, stop, seconds=STOP_TIMEOUT_SECONDS)
 
     async def GetJobStatus(
         self, request: pb.GetJobStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -181,15 +227,38 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> pb.ListJobsResponse:
         async def list_jobs(identity: authz.Identity, runner: RunnerClient) -> pb.ListJobsResponse:
             self._require(identity, authz.Action.READ)
+            state = _state_filter(request.state)
+            page_size = _page_size(request.page_size)
+            after = _decode_page_token(request.page_token)
             requested = request.owner or None
             owner = authz.owner_filter(identity, requested)
             if requested is not None and (owner != requested or len(requested) > MAX_NAME):
                 return pb.ListJobsResponse()  # someone else's jobs, or a name no one has
-            jobs = await runner.list_jobs(identity.user, identity.role, owner=owner)
-            state = convert.STATE_NAMES.get(request.state)
-            return pb.ListJobsResponse(
-                jobs=[_status(j) for j in jobs if state is None or j.state is state]
-            )
+            response = pb.ListJobsResponse()
+            size = 0
+            last: JobStatus | None = None
+            # The runner lists oldest first by (created_ns, id): the page starts after the
+            # token's job, and leaving the stream early cancels the rest of it.
+            jobs = runner.iter_jobs(identity.user, identity.role, owner=owner)
+            async with contextlib.aclosing(jobs):
+                async for job in jobs:
+                    if after is not None and (job.created_ns, job.id) <= after:
+                        continue
+                    if job.type not in convert.JOB_TYPES:
+                        continue  # the api offers only its own job types
+                    if state is not None and job.state is not state:
+                        continue
+                    status = _status(job)
+                    entry = status.ByteSize() + 8  # and the field's tag and length
+                    if last is not None and (
+                        len(response.jobs) >= page_size or size + entry > MAX_PAGE_BYTES
+                    ):
+                        response.next_page_token = _encode_page_token(last)
+                        break
+                    response.jobs.append(status)
+                    size += entry
+                    last = job
+            return response
 
         return await self._call(context, list_jobs)
 
@@ -207,33 +276,100 @@ class JobService(pb_grpc.JobServiceServicer):
     async def TailJobOutput(
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.TailJobOutputResponse]:
-        # Authorize on the shared connection, then stream on a connection of this tail's own:
-        # when this client reads slowly, only its own runner connection backs up.
-        await self._call(
-            context,
-            lambda identity, runner: self._owned_job(
-                runner, identity, authz.Action.READ, request.job_id
-            ),
-        )
-        identity = identity_of(context)
-        start = request.WhichOneof("start")
-        offset = request.offset if start == "offset" else None
-        last = request.last_lines if start == "last_lines" else None
         try:
-            async with RunnerClient(self.runner_socket) as runner:
-                async for batch in runner.tail(
-                    identity.user,
-                    identity.role,
-                    request.job_id,
-                    follow=request.follow,
-                    offset=offset,
-                    last=last,
-                ):
-                    yield convert.tail_response(batch)
-        except RunnerUnavailable:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the runner is not available")
-        except WorkernatorError as exc:
-            await context.abort(GRPC_CODES[exc.code], exc.message)
+            identity = identity_of(context)
+            offset, last = _tail_start(request)
+            with self.tails.hold(identity.user):
+                # Authorize on the shared connection, then stream on a connection of this
+                # tail's own: when this client reads slowly, only its own connection backs up.
+                await self._unary(
+                    identity,
+                    lambda identity, runner: self._owned_job(
+                        runner, identity, authz.Action.READ, request.job_id
+                    ),
+                    UNARY_TIMEOUT_SECONDS,
+                )
+                async with RunnerClient(self.runner_socket) as runner:
+                    async for batch in runner.tail(
+                        identity.user,
+                        identity.role,
+                        request.job_id,
+                        follow=request.follow,
+                        offset=offset,
+                        last=last,
+                    ):
+                        yield convert.tail_response(batch)
+        except Exception as exc:
+            await _abort(context, exc)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
+    """End the call with the status for ``exc``. Clients never see class names or tracebacks:
+    an unexpected exception is logged and answered INTERNAL "internal error"."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # the call was already ended with a status
+    if isinstance(exc, _Denied):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, RunnerUnavailable):
+        log.error("runner unavailable", error=exc.message)
+        code, message = grpc.StatusCode.UNAVAILABLE, "the runner is not available"
+    elif isinstance(exc, WorkernatorError):
+        code, message = GRPC_CODES[exc.code], exc.message
+    else:
+        log.logger.error("unexpected error in a call", exc_info=exc)
+        code, message = grpc.StatusCode.INTERNAL, "internal error"
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _tail_start(request: pb.TailJobOutputRequest) -> tuple[int | None, int | None]:
+    """(offset, last lines) of a tail request. More lines than the runner keeps count means all
+    of them; an offset beyond any file is refused before the runner is asked."""
+    start = request.WhichOneof("start")
+    if start == "offset":
+        if request.offset > MAX_ID:
+            raise InvalidArgument("offset is too large")
+        return request.offset, None
+    if start == "last_lines":
+        return None, min(request.last_lines, MAX_TAIL_LINES)
+    return None, None
+
+
+def _state_filter(state: pb.JobState) -> JobState | None:
+    """The state to list, None for any; a value this api does not know is an error."""
+    if state == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    found = convert.STATE_NAMES.get(state)
+    if found is None:
+        raise InvalidArgument(f"unknown state {state}")
+    return found
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _encode_page_token(job: JobStatus) -> str:
+    """An opaque position in the list: where the next page starts, after this job."""
+    raw = f"{job.created_ns}:{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[int, str] | None:
+    if not token:
+        return None
+    try:
+        if len(token) > 64:
+            raise ValueError("too long")
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        match = _PAGE_TOKEN.fullmatch(raw.decode("ascii"))
+        if match is None:
+            raise ValueError("not a position")
+    except (ValueError, binascii.Error):
+        raise InvalidArgument("invalid page_token (pass next_page_token unchanged)") from None
+    return int(match.group(1)), match.group(2)
 
 
 def _status(job: JobStatus) -> pb.JobStatus:
@@ -242,11 +378,21 @@ def _status(job: JobStatus) -> pb.JobStatus:
 
 
 def server_credentials(cfg: config_mod.ApiConfig) -> grpc.ServerCredentials:
-    """mTLS: our key pair, and client certificates required and verified against the CA."""
+    """mTLS: our key pair, and client certificates required and verified against the CA.
+
+    The key must be ECDSA on P-256 or P-384 and match the certificate
+    (:func:`certs.check_server_key_pair`); otherwise the api refuses to start.
+    """
     try:
         key, cert, ca = cfg.key.read_bytes(), cfg.cert.read_bytes(), cfg.client_ca.read_bytes()
     except OSError as exc:
         raise config_mod.ConfigError(f"cannot read TLS files: {exc}") from None
+    try:
+        certs.check_server_key_pair(key, cert)
+    except certs.ServerKeyError as exc:
+        raise config_mod.ConfigError(f"api.key: {cfg.key}: {exc}") from None
+    except ValueError as exc:
+        raise config_mod.ConfigError(f"api.cert: {cfg.cert}: {exc}") from None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
@@ -258,7 +404,8 @@ class ApiServer:
         self.health = health.aio.HealthServicer()
         self.service = JobService(cfg.runner_socket, self.health)
         self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)]
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_JobServiceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Daemon, short_tmpdir, write_runner_config
+from tests.conftest import PROBE_MODULE, ROOT, Daemon, short_tmpdir, write_runner_config
 from workernator_api import certs
 from workernator_runner.config import RunnerConfig
 
@@ -109,6 +109,7 @@ def stack() -> Iterator[Stack]:
         state_dir=state,
         stop_grace_seconds=1.0,
         allowed_uids=frozenset({0, api_uid}),
+        job_modules=(PROBE_MODULE,),  # job types the runner has and the api does not offer
     )
     (tmp / "run").mkdir(mode=0o755)
     write_runner_config(cfg, tmp / "runner.toml")

@@ -18,6 +18,7 @@ from tests.e2e.conftest import Stack
 from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
+from workernator_api.runner_client import RunnerClient
 
 Code = grpc.StatusCode
 
@@ -142,6 +143,7 @@ async def test_a_late_tail_gets_everything_and_20_tails_agree(
         ({"wait": pb.WaitArgs(seconds=Duration(seconds=1))}, "argument 'url' is required"),
         ({"wait": pb.WaitArgs(seconds=Duration(seconds=1), url="file:///etc")}, "argument 'url'"),
         ({"wait": pb.WaitArgs(seconds=Duration(seconds=-1), url="http://x/")}, "'seconds'"),
+        ({"wait": pb.WaitArgs(seconds=Duration(seconds=200_000), url="http://x/")}, "'seconds'"),
     ],
 )
 async def test_invalid_arguments_are_invalid_argument_naming_the_argument(
@@ -196,6 +198,108 @@ async def test_every_role_against_every_method(clients: dict[str, Client]) -> No
     assert (await alice.status(job.id)).state == pb.JOB_STATE_RUNNING
     assert (await admin.stop(job.id)).state == pb.JOB_STATE_STOPPED
     assert (await alice.stop(job.id)).state == pb.JOB_STATE_STOPPED  # twice: not an error
+
+
+async def _failure(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call
+    return exc.value
+
+
+async def _all_pages(client: Client, **kw: Any) -> tuple[list[str], int]:
+    """The ids of every job ListJobs returns, following next_page_token; and the page count."""
+    ids: list[str] = []
+    pages = 0
+    token = ""
+    while True:
+        page: pb.ListJobsResponse = await client.stub.ListJobs(
+            pb.ListJobsRequest(page_token=token, **kw)
+        )
+        ids += [j.id for j in page.jobs]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            return ids, pages
+
+
+async def test_list_jobs_pages_through_everything_oldest_first(clients: dict[str, Client]) -> None:
+    bob = clients["bob"]
+    started = [(await bob.start(noop=pb.NoopArgs())).id for _ in range(5)]
+    whole: pb.ListJobsResponse = await bob.stub.ListJobs(pb.ListJobsRequest(page_size=500))
+    assert not whole.next_page_token
+    ids = [j.id for j in whole.jobs]
+    assert ids[-5:] == started  # oldest first
+    assert await _all_pages(bob) == (ids, 1)  # the default page size is 100
+    assert await _all_pages(bob, page_size=100_000) == (ids, 1)  # lowered to the maximum
+
+    paged, pages = await _all_pages(bob, page_size=2)
+    assert paged == ids and pages == (len(ids) + 1) // 2
+
+    # A job started between two pages shows on a later page; no job shows twice.
+    first: pb.ListJobsResponse = await bob.stub.ListJobs(pb.ListJobsRequest(page_size=2))
+    late = (await bob.start(noop=pb.NoopArgs())).id
+    rest, _ = await _all_pages(bob, page_size=2)  # from the start, to compare with
+    following: list[str] = [j.id for j in first.jobs]
+    token = first.next_page_token
+    while token:
+        page: pb.ListJobsResponse = await bob.stub.ListJobs(
+            pb.ListJobsRequest(page_size=2, page_token=token)
+        )
+        following += [j.id for j in page.jobs]
+        token = page.next_page_token
+    assert following == rest == [*ids, late]
+
+    # Filters apply across pages.
+    done, _ = await _all_pages(bob, page_size=1, state=pb.JOB_STATE_COMPLETED)
+    whole = await bob.stub.ListJobs(pb.ListJobsRequest(page_size=500))
+    assert done == [j.id for j in whole.jobs if j.state == pb.JOB_STATE_COMPLETED]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.ListJobsRequest(page_token="bm90IGEgdG9rZW4"), "invalid page_token"),
+        (pb.ListJobsRequest(page_token="!!!"), "invalid page_token"),
+        (pb.ListJobsRequest(page_token="x" * 1000), "invalid page_token"),
+        (pb.ListJobsRequest(page_size=-1), "page_size must not be negative"),
+        (pb.ListJobsRequest(state=99), "unknown state 99"),  # type: ignore[arg-type]
+    ],
+)
+async def test_bad_list_requests_are_invalid_argument(
+    clients: dict[str, Client], request_: pb.ListJobsRequest, message: str
+) -> None:
+    error = await _failure(clients["alice"].stub.ListJobs(request_))
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert message in str(error.details())
+
+
+async def test_tail_start_positions_out_of_range(clients: dict[str, Client]) -> None:
+    alice = clients["alice"]
+    job = await alice.start(fib=pb.FibArgs(position=10))
+    everything = await alice.tail(job.id, follow=True)
+    for lines in (2_000_000, 2**32 - 1):  # more than the runner keeps count: all of them
+        assert await alice.tail(job.id, follow=False, last_lines=lines) == everything
+    error = await _failure(alice.tail(job.id, offset=2**63))
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert error.details() == "offset is too large"
+
+
+async def test_jobs_of_types_the_api_does_not_offer_do_not_exist_through_it(
+    stack: Stack, clients: dict[str, Client]
+) -> None:
+    async with RunnerClient(stack.runner_socket) as runner:  # as root, beside the api
+        probe = await runner.start("alice", "user", "drip", {"count": 600, "interval": 0.1})
+    try:
+        for user in ("alice", "admin", "carol"):
+            client = clients[user]
+            assert probe.id not in (await _all_pages(client))[0]
+            assert await _code(client.status(probe.id)) == Code.NOT_FOUND
+            assert await _code(client.tail(probe.id, follow=False)) == Code.NOT_FOUND
+        assert await _code(clients["admin"].stop(probe.id)) == Code.NOT_FOUND
+        assert await _code(clients["alice"].stop(probe.id)) == Code.NOT_FOUND
+    finally:
+        async with RunnerClient(stack.runner_socket) as runner:
+            await runner.stop("root", "admin", probe.id)
 
 
 async def _health(stack: Stack, user: str) -> int:

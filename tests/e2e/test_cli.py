@@ -148,6 +148,11 @@ def test_tail_from_the_start_by_a_late_client(stack: Stack) -> None:
     assert last.returncode == 0
     assert last.stdout.count(b"\n") == 1
     assert proc.stdout.endswith(last.stdout)
+    # more lines than the server keeps count means all of them
+    everything = wn(stack, "alice", "jobs", "tail", job_id, "--last", "2000000")
+    assert (everything.returncode, everything.stdout, everything.stderr) == (0, proc.stdout, b"")
+    too_far = wn(stack, "alice", "jobs", "tail", job_id, "--offset", str(2**63))
+    one_line_error(too_far, "offset is too large")
 
 
 def test_tail_json_resumes_from_an_offset(stack: Stack) -> None:
@@ -213,7 +218,6 @@ def test_each_job_type(stack: Stack) -> None:
         (["eval", "2 +"], "'expression'"),
         (["eval", "2x"], "'variables'"),
         (["wait", "5", "ftp://example.com/"], "'url'"),
-        (["wait", "200000", "http://example.com/"], "'seconds'"),
     ],
 )
 def test_invalid_arguments_are_rejected_naming_them(
@@ -226,6 +230,13 @@ def test_usage_error_is_clicks(stack: Stack) -> None:
     proc = wn(stack, "alice", "jobs", "start", "fib")
     assert proc.returncode == 2
     assert b"Missing argument 'POSITION'" in proc.stderr
+    # a wait longer than any job may wait is refused before anything is sent
+    for seconds in ("200000", "99999999999999999999d"):
+        proc = wn(stack, "alice", "jobs", "start", "wait", seconds, "http://example.com/")
+        assert proc.returncode == 2
+        assert b"Invalid value for 'SECONDS'" in proc.stderr
+        assert b"is too long: at most 1 day (86400 seconds)" in proc.stderr
+        assert b"Traceback" not in proc.stderr
 
 
 # --- who sees what ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ stacks (openssl verify, a gRPC server requiring client certificates) accept and 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -18,11 +19,13 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from workernator_api import certs
+from workernator_api import config as config_mod
+from workernator_api import server as api_server
 
 NOW_SLACK = datetime.timedelta(seconds=30)
 
@@ -846,3 +849,94 @@ def test_create_deployment_leaves_may_last_as_long_as_the_ca(tmp_path: Path) -> 
     assert certs.load_cert(dep.users["alice"][0]).not_valid_after_utc == ca_end
     with pytest.raises(ValueError, match="longer than the CA's"):
         certs.create_deployment(tmp_path / "x", ["localhost"], [], ca_valid_days=5, valid_days=6)
+
+
+# --- the api server's own key -----------------------------------------------------------------
+
+
+def _server_pair(
+    ca: tuple[certs.PrivateKey, x509.Certificate],
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+    directory: Path,
+) -> config_mod.ApiConfig:
+    """An api config whose server certificate (signed by ``ca``) is for ``key``."""
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca[1].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca[0], hashes.SHA256())
+    )
+    directory.mkdir()
+    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "server-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / "ca.pem").write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    return config_mod.ApiConfig(
+        cert=directory / "server.pem",
+        key=directory / "server-key.pem",
+        client_ca=directory / "ca.pem",
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "described"),
+    [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RSA, 2048 bits"),
+        (ec.generate_private_key(ec.SECP521R1()), "EC on secp521r1"),
+        (ed25519.Ed25519PrivateKey.generate(), "Ed25519"),
+    ],
+    ids=["rsa", "p521", "ed25519"],
+)
+def test_the_api_refuses_a_server_key_that_is_not_ecdsa_p256_or_p384(
+    ca: tuple[certs.PrivateKey, x509.Certificate],
+    tmp_path: Path,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    described: str,
+) -> None:
+    # With an RSA key, TLS 1.2 handshakes would succeed: the cipher suites left enabled for
+    # TLS 1.2 are the RSA-authenticated ones (workernator_api/__init__.py).
+    cfg = _server_pair(ca, key, tmp_path / "tls")
+    with pytest.raises(config_mod.ConfigError) as exc:
+        api_server.server_credentials(cfg)
+    assert str(exc.value) == (
+        f"api.key: {cfg.key}: the server key must be an ECDSA key on P-256 or P-384 "
+        f"(TLS 1.3-only relies on it); this one is {described}"
+    )
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=["p256", "p384"])
+def test_the_api_accepts_ecdsa_p256_and_p384_server_keys(
+    ca: tuple[certs.PrivateKey, x509.Certificate], tmp_path: Path, curve: ec.EllipticCurve
+) -> None:
+    cfg = _server_pair(ca, ec.generate_private_key(curve), tmp_path / "tls")
+    assert isinstance(api_server.server_credentials(cfg), grpc.ServerCredentials)
+
+
+def test_the_api_refuses_a_server_key_of_another_certificate(
+    ca: tuple[certs.PrivateKey, x509.Certificate], tmp_path: Path
+) -> None:
+    cfg = _server_pair(ca, ec.generate_private_key(ec.SECP256R1()), tmp_path / "tls")
+    certs.write_key(tmp_path / "other-key.pem", certs.generate_key())
+    other = dataclasses.replace(cfg, key=tmp_path / "other-key.pem")
+    with pytest.raises(config_mod.ConfigError, match="does not belong to the server certificate"):
+        api_server.server_credentials(other)
+    (tmp_path / "junk.pem").write_text("junk\n")
+    junk_cert = dataclasses.replace(cfg, cert=tmp_path / "junk.pem")
+    with pytest.raises(config_mod.ConfigError, match=r"api.cert: .*junk.pem: not a PEM cert"):
+        api_server.server_credentials(junk_cert)
+    junk_key = dataclasses.replace(cfg, key=tmp_path / "junk.pem")
+    with pytest.raises(config_mod.ConfigError, match=r"api.key: .*junk.pem: not a PEM private"):
+        api_server.server_credentials(junk_key)

@@ -33,6 +33,7 @@ from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 BLOCKING_JOB = "BL0CK0"
 BROKEN_JOB = "BR0KEN"
+SLOW_JOB = "SL0W00"  # its status never comes
 TITLES = {"noop": "No-op", "fib": "Fibonacci", "eval": "Evaluate", "wait": "Wait"}
 TYPES = {
     "noop": pb.JOB_TYPE_NOOP,
@@ -51,6 +52,8 @@ class FakeService:
     requests: list[Message] = field(default_factory=list)
     fail: tuple[grpc.StatusCode, str] | None = None
     next_id: str = "XE38YM"
+    stop_deadline: float | None = None  # seconds the last StopJob's client gave it
+    max_page_size: int = 2  # a small page, so that listing pages
 
     def _enter(self, request: Message, context: grpc.ServicerContext) -> None:
         self.requests.append(request)
@@ -89,10 +92,14 @@ class FakeService:
         self, request: pb.GetJobStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetJobStatusResponse:
         self._enter(request, context)
+        if request.job_id == SLOW_JOB:
+            while context.is_active():
+                time.sleep(0.05)
         return pb.GetJobStatusResponse(job=self._job(request.job_id, context))
 
     def stop(self, request: pb.StopJobRequest, context: grpc.ServicerContext) -> pb.StopJobResponse:
         self._enter(request, context)
+        self.stop_deadline = context.time_remaining()
         job = self._job(request.job_id, context)
         if job.state == pb.JOB_STATE_RUNNING:
             job.state = pb.JOB_STATE_STOPPED
@@ -121,7 +128,10 @@ class FakeService:
             if request.state in (pb.JOB_STATE_UNSPECIFIED, job.state)
             and request.owner in ("", job.owner)
         ]
-        return pb.ListJobsResponse(jobs=jobs)
+        first = int(request.page_token or 0)
+        last = first + min(request.page_size or 100, self.max_page_size)
+        token = str(last) if last < len(jobs) else ""
+        return pb.ListJobsResponse(jobs=jobs[first:last], next_page_token=token)
 
     def types(
         self, request: pb.ListJobTypesRequest, context: grpc.ServicerContext
@@ -301,6 +311,10 @@ def test_tail_help_documents_where_the_end_message_goes() -> None:
         (["jobs", "start", "fib", "three"], "Invalid value for 'POSITION'"),
         (["jobs", "start", "fib", "1", "2"], "Got unexpected extra argument (2)"),
         (["jobs", "start", "wait", "1x", "http://h"], "Invalid value for 'SECONDS'"),
+        (
+            ["jobs", "start", "wait", "99999999999999999999d", "http://h"],
+            "Invalid value for 'SECONDS': '99999999999999999999d' is too long: at most 1 day",
+        ),
         (["jobs", "start", "eval", "x", "--var", "x"], "Invalid value for '--var'"),
         (["jobs", "start", "eval", "x", "--var", "x=1", "--var", "x=2"], "more than once"),
         (["jobs", "tail", "ABC", "--last", "1", "--offset", "2"], "cannot be used together"),
@@ -560,6 +574,8 @@ def test_stop(fake: tuple[FakeService, str], env: dict[str, str | None]) -> None
     run(["jobs", "start", "wait", "30", "http://h/"], env)
     result = run(["jobs", "stop", "XE38YM"], env)
     assert (result.exit_code, result.stdout) == (0, "Stopped job XE38YM.\n")
+    # Stop returns once the job is gone, after the server's grace period (up to an hour).
+    assert fake[0].stop_deadline is not None and fake[0].stop_deadline > 3600
     fake[0].next_id = "D0NE00"
     run(["jobs", "start", "noop"], env)
     fake[0].jobs["D0NE00"].state = pb.JOB_STATE_COMPLETED
@@ -612,6 +628,22 @@ def test_broken_tail_says_where_to_resume(
     )
 
 
+def cli_process(env: dict[str, str | None], *args: str) -> subprocess.Popen[bytes]:
+    """The console script's code in a process of its own (a real SIGINT needs one)."""
+    child_env = {k: v for k, v in (os.environ | env).items() if v is not None}
+    return subprocess.Popen(
+        [sys.executable, "-m", "workernator_api.cli", *args],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_exits_130_quietly(proc: subprocess.Popen[bytes]) -> None:
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
 def test_interrupted_tail_exits_130_quietly(
     fake: tuple[FakeService, str], env: dict[str, str | None]
 ) -> None:
@@ -621,19 +653,44 @@ def test_interrupted_tail_exits_130_quietly(
     service.output[BLOCKING_JOB] = [
         pb.TailJobOutputResponse(chunks=[pb.OutputChunk(stream=pb.STREAM_STDOUT, data=b"hi\n")])
     ]
-    child_env = {k: v for k, v in (os.environ | env).items() if v is not None}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workernator_api.cli", "jobs", "tail", BLOCKING_JOB],
-        env=child_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    for _ in range(3):
+        proc = cli_process(env, "jobs", "tail", BLOCKING_JOB)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"hi\n"  # it is following now
+        proc.send_signal(signal.SIGINT)
+        assert_exits_130_quietly(proc)
+
+
+def test_interrupted_request_exits_130_quietly(
+    fake: tuple[FakeService, str], env: dict[str, str | None]
+) -> None:
+    service = fake[0]
+    proc = cli_process(env, "jobs", "status", SLOW_JOB)
+    deadline = time.monotonic() + 30
+    while pb.GetJobStatusRequest(job_id=SLOW_JOB) not in service.requests:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # while it waits for the answer
+    assert_exits_130_quietly(proc)
+
+
+def test_interrupt_while_the_cli_loads_exits_130_quietly() -> None:
+    # Ctrl-C lands while grpc is being imported (the slow part of starting the CLI).
+    code = (
+        "import builtins\n"
+        "real_import = builtins.__import__\n"
+        "def interrupted_import(name, *args, **kwargs):\n"
+        "    if name == 'grpc':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted_import\n"
+        "from workernator_api.cli import main\n"
+        "main()\n"
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"hi\n"  # it is following now
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    assert (out, err) == (b"", b"")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, b"", b"")
 
 
 def test_tail_end_message_on_a_terminal(
@@ -695,9 +752,26 @@ def test_list(fake: tuple[FakeService, str], env: dict[str, str | None]) -> None
         ["AB12CD", "noop", "Running", "alice"],
     ]
     run(["jobs", "list", "--state", "STOPPED", "--owner", "bob"], env)
-    assert fake[0].requests[-1] == pb.ListJobsRequest(state=pb.JOB_STATE_STOPPED, owner="bob")
+    assert fake[0].requests[-1] == pb.ListJobsRequest(
+        state=pb.JOB_STATE_STOPPED, owner="bob", page_size=500
+    )
     data = json.loads(run(["jobs", "list", "--output", "json"], env).stdout)
     assert [job["id"] for job in data["jobs"]] == ["XE38YM", "AB12CD"]
+
+
+def test_list_follows_every_page(fake: tuple[FakeService, str], env: dict[str, str | None]) -> None:
+    service = fake[0]
+    ids = [f"J0B00{i}" for i in range(5)]
+    for job_id in ids:
+        service.next_id = job_id
+        run(["jobs", "start", "noop"], env)
+    del service.requests[:]
+    lines = run(["jobs", "list"], env).stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ids
+    assert [r.page_token for r in service.requests] == ["", "2", "4"]  # type: ignore[attr-defined]
+    data = json.loads(run(["jobs", "list", "-o", "json"], env).stdout)
+    assert [job["id"] for job in data["jobs"]] == ids
+    assert "nextPageToken" not in data and "next_page_token" not in data
 
 
 def test_types(env: dict[str, str | None]) -> None:
@@ -723,6 +797,9 @@ def test_job_ids_complete(
     env: dict[str, str | None], monkeypatch: pytest.MonkeyPatch, fake: tuple[FakeService, str]
 ) -> None:
     run(["jobs", "start", "fib", "3"], env)
+    for job_id in ("AA0001", "AA0002", "AB0003"):  # more than one page
+        fake[0].next_id = job_id
+        run(["jobs", "start", "noop"], env)
     for name, value in env.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
@@ -731,6 +808,8 @@ def test_job_ids_complete(
     complete = ShellComplete(cli.cli, {}, "workernator", "_WORKERNATOR_COMPLETE")
     items = complete.get_completions(["jobs", "status"], "xe")
     assert [item.value for item in items] == ["XE38YM"]
+    items = complete.get_completions(["jobs", "status"], "A")
+    assert [item.value for item in items] == ["AA0001", "AA0002", "AB0003"]
     assert complete.get_completions(["jobs", "status"], "Q") == []
     monkeypatch.setenv("WORKERNATOR_HOST", f"127.0.0.1:{closed_port()}")
     assert complete.get_completions(["jobs", "stop"], "") == []  # errors complete nothing

@@ -210,7 +210,8 @@ def test_format_duration_precise(seconds: float, text: str) -> None:
         ("1m30s", 90.0),
         ("500ms", 0.5),
         ("1h2m3.5s", 3723.5),
-        ("2d", 172800.0),
+        ("1d", 86400.0),
+        ("23h59m59.999s", 86399.999),
         ("1M30S", 90.0),
         (" 10s ", 10.0),
         ("0", 0.0),
@@ -233,11 +234,20 @@ def test_parse_duration(text: str, seconds: float) -> None:
         ("1e999", "is not a duration"),
         ("inf", "is not a duration"),
         ("1" * 400, "too large"),
+        ("1d1ms", r"'1d1ms' is too long: at most 1 day \(86400 seconds\)"),
+        ("99999999999999999999d", "is too long: at most 1 day"),
+        ("1" * 300, "is too long"),
     ],
 )
 def test_parse_duration_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fmt.parse_duration(text)
+
+
+def test_parse_duration_maximum() -> None:
+    assert fmt.parse_duration("2d", maximum=3 * 86400) == 172800.0
+    with pytest.raises(ValueError, match=r"too long: at most 1 minute \(60 seconds\)"):
+        fmt.parse_duration("61", maximum=60)
 
 
 # --- variables --------------------------------------------------------------------------------

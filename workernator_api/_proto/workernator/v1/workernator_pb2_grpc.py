@@ -107,7 +107,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """ListJobs lists the jobs the caller may see, optionally filtered.
+        """ListJobs lists the jobs the caller may see, optionally filtered, oldest first, a page at a
+        time: pass next_page_token back as page_token for the next page.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,62 @@
+"""Limits on what one caller, and all callers together, may hold open in the api at once.
+
+The api is shared: without these, one user could hold every runner connection the runner
+allows, fill the shared connection's request budget, or pin the api's memory with stalled
+streams, and everyone else would be refused. A call over a limit fails at once with
+``RESOURCE_EXHAUSTED`` and a message saying which limit; it never waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from shared.errors import ResourceExhausted
+
+
+class ConcurrencyLimit:
+    """At most ``per_user`` open ``what`` per user, and ``total`` in all when given (fail fast,
+    no queue).
+
+    Single-threaded (asyncio): the counters need no lock.
+    """
+
+    def __init__(self, what: str, *, per_user: int, total: int | None = None) -> None:
+        self.what = what
+        self.per_user = per_user
+        self.total = total
+        self._by_user: dict[str, int] = {}
+        self._open = 0
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def open_for(self, user: str) -> int:
+        return self._by_user.get(user, 0)
+
+    @contextlib.contextmanager
+    def hold(self, user: str) -> Iterator[None]:
+        """One slot for ``user`` for the duration of the block, or :class:`ResourceExhausted`."""
+        held = self._by_user.get(user, 0)
+        if held >= self.per_user:
+            raise ResourceExhausted(
+                f"too many {self.what} at once: user {user!r} has {held} open, the most one "
+                "user may have; wait for one to finish"
+            )
+        if self.total is not None and self._open >= self.total:
+            raise ResourceExhausted(
+                f"too many {self.what} at once: the server has {self._open} open, its limit; "
+                "try again later"
+            )
+        self._by_user[user] = held + 1
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+            remaining = self._by_user[user] - 1
+            if remaining:
+                self._by_user[user] = remaining
+            else:
+                del self._by_user[user]
