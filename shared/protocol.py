@@ -103,6 +103,8 @@ class JobRef:
 @dataclass(frozen=True)
 class ListArgs:
     owner: str | None = None
+    # Only jobs after this one in the list's order, (created_ns, id): where a page ended.
+    after: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,12 @@ def t_record(required: Mapping[str, Check], optional: Mapping[str, Check] | None
     return check
 
 
+def _t_after(value: Any, path: str) -> tuple[int, str]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _fail(path, "expected [created_ns, job_id]")
+    return t_int()(value[0], f"{path}[0]"), t_str(MAX_NAME, 1)(value[1], f"{path}[1]")
+
+
 def _scalar(value: Any, path: str) -> Any:
     if isinstance(value, str):
         return t_str(MAX_MESSAGE)(value, path)
@@ -320,7 +328,10 @@ _OP_ARGS: dict[Op, Check] = {
     Op.START: t_record({"job_type": t_str(MAX_NAME, 1), "args": t_job_args}),
     Op.STOP: t_record({"job_id": _JOB_ID}),
     Op.STATUS: t_record({"job_id": _JOB_ID}),
-    Op.LIST: t_record({}, {"owner": t_optional(t_str(MAX_NAME, 1))}),
+    Op.LIST: t_record(
+        {},
+        {"owner": t_optional(t_str(MAX_NAME, 1)), "after": t_optional(_t_after)},
+    ),
     Op.TAIL: t_record(
         {"job_id": _JOB_ID, "follow": t_bool},
         {
@@ -446,7 +457,7 @@ def _args_to_wire(args: OpArgs) -> dict[str, Any]:
     if isinstance(args, JobRef):
         return {"job_id": args.job_id}
     if isinstance(args, ListArgs):
-        return {"owner": args.owner}
+        return {"owner": args.owner, "after": None if args.after is None else list(args.after)}
     if isinstance(args, TailArgs):
         return {
             "job_id": args.job_id,

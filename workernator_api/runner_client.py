@@ -279,11 +279,15 @@ class RunnerClient:
         return list(reply.types)
 
     async def iter_jobs(
-        self, user: str, role: str, owner: str | None = None
+        self,
+        user: str,
+        role: str,
+        owner: str | None = None,
+        after: tuple[int, str] | None = None,
     ) -> AsyncGenerator[JobStatus, None]:
-        """The jobs, oldest first by (created_ns, id). Closing the iterator early (use
-        ``contextlib.aclosing``) cancels the rest of the list."""
-        stream = self._stream(p.Op.LIST, user, role, p.ListArgs(owner))
+        """The jobs, oldest first by (created_ns, id), after ``after`` if given. Closing the
+        iterator early (use ``contextlib.aclosing``) cancels the rest of the list."""
+        stream = self._stream(p.Op.LIST, user, role, p.ListArgs(owner, after))
         async with contextlib.aclosing(stream):
             async for item in stream:
                 if isinstance(item, p.JobsItem):

@@ -239,7 +239,7 @@ class JobService(pb_grpc.JobServiceServicer):
             last: JobStatus | None = None
             # The runner lists oldest first by (created_ns, id): the page starts after the
             # token's job, and leaving the stream early cancels the rest of it.
-            jobs = runner.iter_jobs(identity.user, identity.role, owner=owner)
+            jobs = runner.iter_jobs(identity.user, identity.role, owner=owner, after=after)
             async with contextlib.aclosing(jobs):
                 async for job in jobs:
                     if after is not None and (job.created_ns, job.id) <= after:
@@ -365,7 +365,7 @@ def _decode_page_token(token: str) -> tuple[int, str] | None:
             raise ValueError("too long")
         raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         match = _PAGE_TOKEN.fullmatch(raw.decode("ascii"))
-        if match is None:
+        if match is None or int(match.group(1)) > MAX_ID:
             raise ValueError("not a position")
     except (ValueError, binascii.Error):
         raise InvalidArgument("invalid page_token (pass next_page_token unchanged)") from None

@@ -149,7 +149,7 @@ class _Session:
         elif isinstance(args, p.TypesArgs):
             await self.send(p.TypesReply(rid, [j.spec.describe() for j in m.registry.values()]))
         elif isinstance(args, p.ListArgs):
-            jobs = m.list(owner=args.owner)
+            jobs = m.list(owner=args.owner, after=args.after)
             for start in range(0, len(jobs), JOBS_PER_FRAME):
                 await self.send(p.JobsItem(rid, jobs[start : start + JOBS_PER_FRAME]))
             await self.send(p.End(rid))

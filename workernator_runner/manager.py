@@ -236,10 +236,18 @@ class JobManager:
     def status(self, job_id: str) -> JobStatus:
         return self._get(job_id).status
 
-    def list(self, owner: str | None = None) -> list[JobStatus]:
-        """Jobs in creation order, optionally only those of ``owner``."""
-        jobs = sorted(self._jobs.values(), key=lambda j: (j.request.created_ns, j.request.id))
-        return [j.status for j in jobs if owner is None or j.request.owner == owner]
+    def list(
+        self, owner: str | None = None, after: tuple[int, str] | None = None
+    ) -> list[JobStatus]:
+        """Jobs oldest first by (created_ns, id); only those of ``owner`` if given, and only
+        those after the job ``after`` names by its (created_ns, id) if given."""
+        jobs = sorted(self._jobs.values(), key=_list_order)
+        return [
+            j.status
+            for j in jobs
+            if (owner is None or j.request.owner == owner)
+            and (after is None or _list_order(j) > after)
+        ]
 
     async def start(self, job_type: str, args: Mapping[str, Any], owner: str) -> JobStatus:
         """Start a job; returns once it runs, or raises with nothing left behind."""
@@ -368,6 +376,10 @@ class JobManager:
                 if finished or not follow:
                     return
                 await changed.wait()
+
+
+def _list_order(job: _Job) -> tuple[int, str]:
+    return job.request.created_ns, job.request.id
 
 
 def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:

@@ -135,3 +135,15 @@ async def test_job_ids_are_unique_even_when_a_drawn_id_is_taken(
     second = await manager.start("noop", {}, "alice")
     assert second.id == "SECOND"
     assert {j.id for j in manager.list()} == {first.id, "SECOND"}
+
+
+async def test_list_is_oldest_first_and_resumes_after_a_job(manager: JobManager) -> None:
+    started = [await manager.start("noop", {}, owner) for owner in ("alice", "bob", "alice")]
+    everyone = manager.list()
+    assert [j.id for j in everyone] == [j.id for j in started]
+    assert [j.id for j in manager.list(owner="alice")] == [started[0].id, started[2].id]
+    after_first = (everyone[0].created_ns, everyone[0].id)
+    assert [j.id for j in manager.list(after=after_first)] == [started[1].id, started[2].id]
+    assert [j.id for j in manager.list(owner="alice", after=after_first)] == [started[2].id]
+    last = (everyone[-1].created_ns, everyone[-1].id)
+    assert manager.list(after=last) == []
