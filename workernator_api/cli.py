@@ -523,59 +523,34 @@ def output_option(f: _F) -> _F:
     )(f)
 
 
+# The connection options of every ``jobs`` command: (name, metavar, help).
+_CLIENT_OPTIONS = (
+    ("host", "HOST:PORT", f"API server to connect to.  [default: {DEFAULT_HOST}]"),
+    ("cert", "FILE", "Your client certificate (PEM)."),
+    ("key", "FILE", "The private key of your client certificate (PEM)."),
+    ("ca", "FILE", "CA certificate that signed the API server's certificate (PEM)."),
+    (
+        "config",
+        "FILE",
+        "Config file with a [client] table (host, cert, key, ca).  "
+        "[default: ~/.config/workernator/config.toml]",
+    ),
+)
+
+
 def client_options(f: _F) -> _F:
     """The connection options, and --output, of every ``jobs`` command."""
-    options = [
-        click.option(
-            "--host",
-            envvar=_ENV["host"],
+    f = output_option(f)
+    for name, metavar, help_text in reversed(_CLIENT_OPTIONS):
+        f = click.option(
+            f"--{name}",
+            envvar=_ENV[name],
             show_envvar=True,
-            metavar="HOST:PORT",
+            metavar=metavar,
             expose_value=False,
-            callback=_store("host"),
-            help=f"API server to connect to.  [default: {DEFAULT_HOST}]",
-        ),
-        click.option(
-            "--cert",
-            envvar=_ENV["cert"],
-            show_envvar=True,
-            metavar="FILE",
-            expose_value=False,
-            callback=_store("cert"),
-            help="Your client certificate (PEM).",
-        ),
-        click.option(
-            "--key",
-            envvar=_ENV["key"],
-            show_envvar=True,
-            metavar="FILE",
-            expose_value=False,
-            callback=_store("key"),
-            help="The private key of your client certificate (PEM).",
-        ),
-        click.option(
-            "--ca",
-            envvar=_ENV["ca"],
-            show_envvar=True,
-            metavar="FILE",
-            expose_value=False,
-            callback=_store("ca"),
-            help="CA certificate that signed the API server's certificate (PEM).",
-        ),
-        click.option(
-            "--config",
-            envvar=_ENV["config"],
-            show_envvar=True,
-            metavar="FILE",
-            expose_value=False,
-            callback=_store("config"),
-            help="Config file with a [client] table (host, cert, key, ca).  "
-            "[default: ~/.config/workernator/config.toml]",
-        ),
-        output_option,
-    ]
-    for option in reversed(options):
-        f = option(f)
+            callback=_store(name),
+            help=help_text,
+        )(f)
     return f
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ import pytest
 from shared import protocol as p
 from shared.errors import ErrorCode
 from shared.model import JobState, JobStatus, OutputChunk, Stream
-from tests.conftest import short_tmpdir
 from workernator_api import certs, convert, server
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
@@ -152,12 +151,9 @@ class Api:
 
 
 @pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("wn-api-")
-    yield path
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+def tmp(state_dir: Path) -> Path:
+    """A short directory (Unix socket paths), removed after the test: tests/conftest.py's."""
+    return state_dir
 
 
 @pytest.fixture
