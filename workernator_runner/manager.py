@@ -44,7 +44,7 @@ MAX_BATCH_BYTES = 256 * 1024
 @dataclass
 class _Job:
     request: store.JobRequest
-    state: store.JobState_
+    state: store.StateFile
     dir: Path
     wd: int | None = None  # inotify watch on the directory while the job runs
     pidfd: int | None = None  # the monitor, while the job runs
@@ -103,7 +103,7 @@ class JobManager:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping unreadable job", dir=str(job_dir), error=str(exc))
             return
-        job = _Job(request, store.JobState_(), job_dir)
+        job = _Job(request, store.StateFile(), job_dir)
         self._jobs[request.id] = job
         self._watch(job)  # before reading the state, so an end recorded meanwhile is seen
         try:
@@ -113,7 +113,7 @@ class JobManager:
             state = None
         if state is None:
             # The runner stopped while this job was starting (or its state is unreadable).
-            state = store.JobState_(
+            state = store.StateFile(
                 state=JobState.FAILED, error="the job's state was lost while it was starting"
             )
             store.write_state(job_dir, state)
@@ -257,7 +257,7 @@ class JobManager:
             raise InvalidArgument("owner must not be empty")
         job_id, job_dir = self._allocate()
         request = store.JobRequest(job_id, job_type, clean_args, owner, time.time_ns())
-        job = _Job(request, store.JobState_(), job_dir)
+        job = _Job(request, store.StateFile(), job_dir)
         pid = 0
         try:
             store.write_request(job_dir, request)
@@ -283,7 +283,7 @@ class JobManager:
             if pid:
                 _kill_monitor(pid)
             with contextlib.suppress(OSError, ValueError):
-                _kill_job_group(store.read_state(job_dir) or store.JobState_())
+                _kill_job_group(store.read_state(job_dir) or store.StateFile())
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
@@ -419,7 +419,7 @@ def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:
     raise AssertionError("the output shrank while it was read")
 
 
-def _expect_state(job_dir: Path) -> store.JobState_:
+def _expect_state(job_dir: Path) -> store.StateFile:
     state = store.read_state(job_dir)
     if state is None:
         raise Internal("the job's monitor reported a start but recorded no state")
@@ -435,7 +435,7 @@ def _kill_monitor(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _kill_job_group(state: store.JobState_) -> None:
+def _kill_job_group(state: store.StateFile) -> None:
     """SIGKILL what is left of a job whose monitor is gone, but only if the recorded pid still
     names the job's process in this boot: after a reboot or a long time it may name anything."""
     if linux.same_process(state.job_pid, state.job_start, state.boot_id):

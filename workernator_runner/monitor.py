@@ -132,7 +132,7 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
         _report(ready_fd, {"ok": False, "error": setup_error.decode(errors="replace")})
         return 1
 
-    state = store.JobState_(
+    state = store.StateFile(
         state=JobState.RUNNING,
         monitor_pid=monitor_pid,
         monitor_start=linux.process_start_time(monitor_pid),
@@ -227,7 +227,7 @@ def _supervise(
     wake_r: int,
     pump: _Pump,
     launch: Launch,
-    state: store.JobState_,
+    state: store.StateFile,
 ) -> tuple[int, Any]:
     """Pump output until the job ended and its pipes closed; returns (wait status, rusage)."""
     sel = selectors.DefaultSelector()
@@ -286,7 +286,7 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _finish(state: store.JobState_, wait_status: int, rusage: Any, write_error: str) -> None:
+def _finish(state: store.StateFile, wait_status: int, rusage: Any, write_error: str) -> None:
     state.ended_ns = time.time_ns()
     state.usage = {
         "cpu_ns": int((rusage.ru_utime + rusage.ru_stime) * 1e9),

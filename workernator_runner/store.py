@@ -44,7 +44,7 @@ class JobRequest:
 
 
 @dataclass
-class JobState_:
+class StateFile:
     """The contents of ``state.json``; the monitor owns it."""
 
     state: JobState = JobState.RUNNING
@@ -100,13 +100,13 @@ def read_request(job_dir: Path) -> JobRequest:
     )
 
 
-def write_state(job_dir: Path, state: JobState_) -> None:
+def write_state(job_dir: Path, state: StateFile) -> None:
     data = dict(state.__dict__)
     data["state"] = state.state.value
     write_json_atomic(job_dir / STATE_FILE, data)
 
 
-def read_state(job_dir: Path) -> JobState_ | None:
+def read_state(job_dir: Path) -> StateFile | None:
     """The job's state, or None when there is no state file yet; ValueError when unreadable."""
     try:
         data = json.loads((job_dir / STATE_FILE).read_bytes())
@@ -114,12 +114,12 @@ def read_state(job_dir: Path) -> JobState_ | None:
         return None
     try:
         data["state"] = JobState(data["state"])
-        return JobState_(**data)
+        return StateFile(**data)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{job_dir / STATE_FILE}: {exc!r}") from None
 
 
-def to_status(request: JobRequest, state: JobState_) -> JobStatus:
+def to_status(request: JobRequest, state: StateFile) -> JobStatus:
     return JobStatus(
         id=request.id,
         type=request.type,
