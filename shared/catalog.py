@@ -157,6 +157,9 @@ def _url(spec: ArgSpec, value: object) -> str:
         raise InvalidArgument(f"is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidArgument(f"must be an http:// or https:// URL, got {text!r}")
+    if "@" in parts.netloc:  # user info, even an empty one ("http://@host/")
+        # The URL is not quoted back: it may hold a password.
+        raise InvalidArgument("must not contain a user name or password")
     if not parts.hostname:
         raise InvalidArgument(f"has no host: {text!r}")
     if port == 0:
