@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.nethosts import JOB_USER, EgressLab, ensure_job_user
 from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
@@ -29,6 +30,16 @@ from workernator_runner.manager import JobManager
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROBE_MODULE = "tests.probe_jobs"
+
+
+# Jobs run in namespaces as an unprivileged user: whatever starts one needs root.
+JOB_FIXTURES = frozenset({"manager", "daemon", "stack", "egress_lab"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if JOB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.privileged)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -55,14 +66,38 @@ def state_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def job_user() -> str:
+    """The unprivileged user jobs run as, created for the tests if this host lacks it."""
+    if os.geteuid() == 0:
+        ensure_job_user(JOB_USER)
+    return JOB_USER
+
+
+@pytest.fixture(scope="session")
+def egress_lab() -> Iterator[EgressLab]:
+    """A bridge and subnet of the test session's own for egress jobs; removed at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    lab = EgressLab.create()
+    try:
+        yield lab
+    finally:
+        lab.remove()
+
+
 @pytest.fixture
-def runner_config(state_dir: Path) -> RunnerConfig:
+def runner_config(state_dir: Path, job_user: str, egress_lab: EgressLab) -> RunnerConfig:
     return RunnerConfig(
         socket=state_dir / "runner.sock",
         socket_group="",
         state_dir=state_dir,
         stop_grace_seconds=1.0,
         job_modules=(PROBE_MODULE,),
+        job_user=job_user,
+        egress_bridge=egress_lab.bridge,
+        egress_subnet=egress_lab.subnet,
+        resolv_conf=egress_lab.resolv_conf,
     )
 
 
@@ -89,6 +124,10 @@ def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
         f"stop_grace_seconds = {cfg.stop_grace_seconds}\n"
         f"job_modules = [{modules}]\n"
         f"allowed_uids = [{', '.join(str(u) for u in sorted(cfg.allowed_uids))}]\n"
+        f'job_user = "{cfg.job_user}"\n'
+        f'egress_bridge = "{cfg.egress_bridge}"\n'
+        f'egress_subnet = "{cfg.egress_subnet}"\n'
+        f'resolv_conf = "{cfg.resolv_conf}"\n'
     )
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
+import json
 import os
 import signal
+import socket
+import stat
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from shared.catalog import ArgKind, ArgSpec, JobSpec
-from workernator_runner.jobs import Job, JobFailed
+from workernator_runner.jobs import Job, JobFailed, Network
 
 
 def _spew(args: Mapping[str, Any]) -> None:
@@ -82,7 +89,7 @@ def _fail(args: Mapping[str, Any]) -> None:
     raise JobFailed("it went wrong")
 
 
-JOBS = (
+JOBS: tuple[Job, ...] = (
     Job(
         JobSpec("spew", "Spew", "prints size bytes", (ArgSpec("size", ArgKind.INT, "bytes"),)),
         _spew,
@@ -138,5 +145,227 @@ JOBS = (
     Job(
         JobSpec("fail", "Fail", "fails", (ArgSpec("crash", ArgKind.INT, "", required=False),)),
         _fail,
+    ),
+)
+
+
+# --- sandbox probes: they report what a job can see and do, as one JSON line -----------------
+
+
+def _try(action: Any) -> str:
+    """'ok', or the errno name of the OSError the action raised."""
+    try:
+        action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return "ok"
+
+
+def _status_fields() -> dict[str, str]:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def _write_probe(directory: str) -> str:
+    path = os.path.join(directory, f".probe-{os.getpid()}")
+
+    def write() -> None:
+        with open(path, "w") as f:
+            f.write("x")
+        os.unlink(path)
+
+    return _try(write)
+
+
+def _inspect(args: Mapping[str, Any]) -> None:
+    """What the job sees: processes, names, network, identity, files, descriptors."""
+    status = _status_fields()
+    open_fds = [fd for fd in range(256) if _try(lambda fd=fd: os.fstat(fd)) == "ok"]
+    paths = json.loads(args.get("paths", "[]"))
+    report = {
+        "pid": os.getpid(),
+        "proc_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "hostname": socket.gethostname(),
+        "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        "uid": os.getresuid(),
+        "gid": os.getresgid(),
+        "groups": os.getgroups(),
+        "caps": {k: status[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+        "no_new_privs": status["NoNewPrivs"],
+        "seccomp": status["Seccomp"],
+        "root": sorted(os.listdir("/")),
+        "exists": {p: os.path.lexists(p) for p in paths},
+        "writable": {
+            d: _write_probe(d) for d in ("/", "/usr", "/etc", "/tmp", "/workspace", "/dev", "/proc")
+        },
+        "fds": open_fds,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+    }
+    print(json.dumps(report), flush=True)
+
+
+def _syscalls(args: Mapping[str, Any]) -> None:
+    """Calls a job never needs; each result is 'ok' or an errno name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(result: int) -> None:
+        if result < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    clone_newuser = 0x10000000
+    report = {
+        "unshare_user": _try(lambda: call(libc.unshare(clone_newuser))),
+        "unshare_net": _try(lambda: call(libc.unshare(0x40000000))),
+        "mount": _try(lambda: call(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))),
+        "ptrace": _try(lambda: call(libc.ptrace(0, 0, None, None))),  # PTRACE_TRACEME
+        "setuid0": _try(lambda: os.setuid(0)),
+        "chroot": _try(lambda: os.chroot("/tmp")),
+        "sethostname": _try(lambda: socket.sethostname("other")),
+        "raw_socket": _try(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1).close()),
+        "mknod": _try(lambda: os.mknod("/tmp/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))),
+        "kill_init": _try(lambda: os.kill(1, signal.SIGKILL)),
+    }
+    print(json.dumps(report), flush=True)
+
+
+def _run(args: Mapping[str, Any]) -> None:
+    """Run a program (argv as JSON) and print its exit status and output."""
+    result = subprocess.run(json.loads(args["argv"]), capture_output=True, check=False, timeout=30)
+    out = {"code": result.returncode, "out": result.stdout.decode(errors="replace")}
+    out["err"] = result.stderr.decode(errors="replace")
+    print(json.dumps(out), flush=True)
+
+
+def _memscan(args: Mapping[str, Any]) -> None:
+    """Search this process's readable memory for ``prefix`` followed by 32 hex digits whose
+    sha256 is ``digest``: finds a secret without ever holding it. Prints hits and bytes read."""
+    prefix = args["prefix"].encode()
+    digest = args["digest"]
+    hits = 0
+    scanned = 0
+    candidates = 0
+    with open("/proc/self/maps") as f:
+        regions = f.read().splitlines()
+    for line in regions:
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        name = fields[5] if len(fields) > 5 else ""
+        if not fields[1].startswith("r") or name in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
+            continue
+        try:
+            data = ctypes.string_at(start, end - start)
+        except Exception:
+            continue
+        scanned += len(data)
+        pos = data.find(prefix)
+        while pos >= 0:
+            candidate = data[pos + len(prefix) : pos + len(prefix) + 32]
+            candidates += 1
+            if hashlib.sha256(candidate).hexdigest() == digest:
+                hits += 1
+            pos = data.find(prefix, pos + 1)
+        del data
+    print(json.dumps({"hits": hits, "candidates": candidates, "scanned": scanned}), flush=True)
+
+
+def _secret(args: Mapping[str, Any]) -> None:
+    """Hold a secret (as an argument) while sleeping, so another job can look for it."""
+    print("holding", flush=True)
+    time.sleep(args["seconds"])
+
+
+def _connect(args: Mapping[str, Any]) -> None:
+    """Try TCP connections (JSON list of [host, port]) and name lookups (JSON list of names),
+    each bounded by a short timeout; print what happened."""
+    results: dict[str, str] = {}
+    for host, port in json.loads(args.get("targets", "[]")):
+        try:
+            with socket.create_connection((host, port), timeout=args.get("timeout", 2.0)) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                results[f"{host}:{port}"] = "connected"
+        except TimeoutError:
+            results[f"{host}:{port}"] = "timeout"
+        except OSError as exc:
+            results[f"{host}:{port}"] = errno.errorcode.get(exc.errno or 0, str(exc))
+    for name in json.loads(args.get("names", "[]")):
+        try:
+            results[name] = socket.gethostbyname(name)
+        except OSError as exc:
+            results[name] = f"error: {exc}"
+    print(json.dumps(results), flush=True)
+
+
+_TEXT = ArgKind.STRING
+JOBS += (
+    Job(
+        JobSpec(
+            "inspect",
+            "Inspect",
+            "reports the sandbox",
+            (ArgSpec("paths", _TEXT, "", required=False),),
+        ),
+        _inspect,
+        framed=False,
+    ),
+    Job(JobSpec("syscalls", "Syscalls", "tries forbidden calls"), _syscalls, framed=False),
+    Job(
+        JobSpec("run", "Run", "runs a program", (ArgSpec("argv", _TEXT, "json"),)),
+        _run,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "memscan",
+            "Memscan",
+            "looks for a secret in its own memory",
+            (ArgSpec("prefix", _TEXT, ""), ArgSpec("digest", _TEXT, "")),
+        ),
+        _memscan,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "secret",
+            "Secret",
+            "holds a secret",
+            (ArgSpec("secret", _TEXT, ""), ArgSpec("seconds", ArgKind.FLOAT, "")),
+        ),
+        _secret,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "connect",
+            "Connect",
+            "tries connections (no network)",
+            (
+                ArgSpec("targets", _TEXT, "", required=False),
+                ArgSpec("names", _TEXT, "", required=False),
+                ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
+            ),
+        ),
+        _connect,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "egress-connect",
+            "Egress connect",
+            "tries connections (egress)",
+            (
+                ArgSpec("targets", _TEXT, "", required=False),
+                ArgSpec("names", _TEXT, "", required=False),
+                ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
+            ),
+        ),
+        _connect,
+        framed=False,
+        network=Network.EGRESS,
     ),
 )

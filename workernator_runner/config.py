@@ -14,18 +14,26 @@ Example (``/etc/workernator/runner.toml``)::
     stop_grace_seconds = 5.0                 # SIGTERM, then this long, then SIGKILL
     job_modules = []                         # extra job types: modules with a JOBS list
     log_level = "info"                       # debug, info, warning, error
+    job_user = "workernator-job"             # the unprivileged user jobs run as; it must exist
+    tmp_size_mb = 64                         # size of each job's /tmp (tmpfs, memory)
+    egress_bridge = "wn0"                    # bridge for jobs with network access ("" = none)
+    egress_subnet = "10.92.0.0/16"           # their addresses; the bridge takes the first
+    resolv_conf = "/etc/resolv.conf"         # name servers for egress jobs
 """
 
 from __future__ import annotations
 
 import grp
+import ipaddress
 import pwd
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PATH = Path("/etc/workernator/runner.toml")
+DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
 
 
 class ConfigError(ValueError):
@@ -43,10 +51,38 @@ class RunnerConfig:
     job_modules: tuple[str, ...] = ()
     log_level: str = "info"
     allowed_users: tuple[str, ...] = field(default=())
+    job_user: str = "workernator-job"
+    tmp_size_mb: int = 64
+    egress_bridge: str = "wn0"
+    egress_subnet: ipaddress.IPv4Network = DEFAULT_EGRESS_SUBNET
+    resolv_conf: Path = Path("/etc/resolv.conf")
 
     @property
     def jobs_dir(self) -> Path:
         return self.state_dir / "jobs"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        """``<id>/``: each running job's writable ``/workspace``, removed when it ends."""
+        return self.state_dir / "workspaces"
+
+    @property
+    def sandbox_dir(self) -> Path:
+        """Where the launcher mounts the prepared job roots, in its own mount namespace."""
+        return self.state_dir / "sandbox"
+
+    def job_ids(self) -> tuple[int, int]:
+        """(uid, gid) of the job user."""
+        try:
+            entry = pwd.getpwnam(self.job_user)
+        except KeyError:
+            raise ConfigError(
+                f"job_user: no user named {self.job_user!r} (create it, for example with "
+                f"useradd --system --no-create-home --shell /usr/sbin/nologin {self.job_user})"
+            ) from None
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise ConfigError(f"job_user: {self.job_user!r} must not have uid or gid 0")
+        return entry.pw_uid, entry.pw_gid
 
     def socket_gid(self) -> int | None:
         if not self.socket_group:
@@ -64,6 +100,9 @@ class RunnerConfig:
             except KeyError:
                 raise ConfigError(f"allowed_users: no user named {name!r}") from None
         return frozenset(uids)
+
+
+_IFNAME = re.compile(r"[A-Za-z0-9_]{1,8}")  # veths are named <bridge>-<job id>: 15 bytes at most
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -86,7 +125,7 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
     kw: dict[str, Any] = {}
     for key, value in section.items():
         name = f"runner.{key}"
-        if key in ("socket", "state_dir"):
+        if key in ("socket", "state_dir", "resolv_conf"):
             path = Path(_expect(value, str, name))
             if not path.is_absolute():
                 raise ConfigError(f"{name}: must be an absolute path")
@@ -114,6 +153,29 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             if level not in ("debug", "info", "warning", "error"):
                 raise ConfigError(f"{name}: must be debug, info, warning or error")
             kw[key] = level
+        elif key == "tmp_size_mb":
+            size = _expect(value, int, name)
+            if not 1 <= size <= 1 << 20:
+                raise ConfigError(f"{name}: must be between 1 and 1048576")
+            kw[key] = size
+        elif key == "egress_bridge":
+            bridge = _expect(value, str, name)
+            if bridge and not _IFNAME.fullmatch(bridge):
+                raise ConfigError(f"{name}: not a valid interface name: {bridge!r}")
+            kw[key] = bridge
+        elif key == "egress_subnet":
+            try:
+                subnet = ipaddress.IPv4Network(_expect(value, str, name))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            if subnet.prefixlen > 28:
+                raise ConfigError(f"{name}: must have room for jobs (a /28 or larger)")
+            kw[key] = subnet
+        elif key == "job_user":
+            user = _expect(value, str, name)
+            if not user:
+                raise ConfigError(f"{name}: must not be empty")
+            kw[key] = user
         else:
             kw[key] = _expect(value, str, name)
     return RunnerConfig(**kw)

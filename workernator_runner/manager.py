@@ -11,6 +11,9 @@ job's status. Two kernel notifications keep that cache true without polling:
 
 Both work for monitors that an earlier runner process started, so a restarted runner re-adopts
 running jobs.
+
+Jobs are not forked from here: :meth:`JobManager.open` starts the launcher (a fork server, see
+:mod:`workernator_runner.launcher`) before it reads any job, and every start goes through it.
 """
 
 from __future__ import annotations
@@ -18,22 +21,24 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import json
+import ipaddress
 import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared import ids, log
-from shared.errors import Internal, InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from shared.model import JobState, JobStatus, OutputChunk
-from workernator_runner import inotify, linux, monitor, store
+from workernator_runner import inotify, linux, network, store
+from workernator_runner import launch as wire
 from workernator_runner.config import RunnerConfig
-from workernator_runner.jobs import Registry, load_registry
+from workernator_runner.jobs import Network, Registry, load_registry
+from workernator_runner.launcher_client import Launcher
 
 START_TIMEOUT_SECONDS = 30.0
 STOP_MARGIN_SECONDS = 10.0  # on top of the grace period, for the monitor to record the end
@@ -61,25 +66,95 @@ class _Job:
 
 
 class JobManager:
-    def __init__(self, config: RunnerConfig, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        config: RunnerConfig,
+        registry: Registry | None = None,
+        *,
+        on_launcher_exit: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry if registry is not None else load_registry(config.job_modules)
+        self.egress: network.Egress | None = None
+        self.egress_error = ""  # why egress jobs cannot start, when they cannot
+        self._on_launcher_exit = on_launcher_exit
+        self._launcher: Launcher | None = None
         self._jobs: dict[str, _Job] = {}
         self._by_wd: dict[int, _Job] = {}
+        self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
         self._inotify: inotify.Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Load every job on disk and re-adopt the running ones."""
+        """Start the launcher, then load every job on disk and re-adopt the running ones."""
         self._loop = asyncio.get_running_loop()
-        self.config.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cfg = self.config
+        uid, gid = cfg.job_ids()
+        for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        egress = self._egress_plan()
+        init = wire.Init(
+            runner_pid=os.getpid(),
+            state_dir=str(cfg.state_dir),
+            job_modules=cfg.job_modules,
+            uid=uid,
+            gid=gid,
+            user=cfg.job_user,
+            tmp_size_mb=cfg.tmp_size_mb,
+            egress=None
+            if egress is None
+            else wire.EgressConfig(
+                egress.bridge,
+                str(egress.subnet),
+                str(egress.resolver) if egress.resolver is not None else "",
+                egress.resolv_conf,
+            ),
+        )
+        # Before any job is read: the launcher must never have seen anyone's data.
+        self._launcher = await Launcher.spawn(init, self._launcher_exited)
+        if egress is not None and self._launcher.egress_error:
+            self.egress_error = self._launcher.egress_error
+            log.error("egress jobs cannot run", reason=self.egress_error)
+        elif egress is not None:
+            self.egress = egress
         self._inotify = inotify.Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
-        for job_dir in sorted(self.config.jobs_dir.iterdir()):
+        for job_dir in sorted(cfg.jobs_dir.iterdir()):
             if ids.is_job_id(job_dir.name):
                 self._load(job_dir)
+        self._remove_leftovers()
+
+    def _egress_plan(self) -> network.Egress | None:
+        cfg = self.config
+        if not cfg.egress_bridge:
+            self.egress_error = "egress networking is disabled (egress_bridge is empty)"
+            return None
+        try:
+            resolv_conf = cfg.resolv_conf.read_text()
+        except OSError as exc:
+            log.warning(
+                "egress jobs get no name servers", resolv_conf=str(cfg.resolv_conf), error=str(exc)
+            )
+            resolv_conf = ""
+        return network.plan(cfg.egress_bridge, cfg.egress_subnet, resolv_conf)
+
+    def _launcher_exited(self, reason: str) -> None:
+        log.error("the launcher exited; no job can start until the runner restarts", reason=reason)
+        if self._on_launcher_exit is not None:
+            self._on_launcher_exit(reason)
+
+    def _remove_leftovers(self) -> None:
+        """Remove what jobs that no longer run left behind (a crash, say): workspaces, veths."""
+        running = {job_id for job_id, job in self._jobs.items() if not job.state.state.finished}
+        for path in self.config.workspaces_dir.iterdir():
+            if path.name not in running:
+                log.info("removing a leftover workspace", path=str(path))
+                shutil.rmtree(path, ignore_errors=True)
+        if self.egress is not None:
+            for name in network.remove_leftovers(self.egress, running):
+                log.info("removed a leftover veth", link=name)
 
     async def close(self) -> None:
         """Stop serving. Running jobs go on: their monitors do not depend on this process."""
@@ -89,6 +164,9 @@ class JobManager:
             self._loop.remove_reader(self._inotify.fd)
             self._inotify.close()
             self._inotify = None
+        if self._launcher is not None:
+            await self._launcher.close()
+            self._launcher = None
 
     async def __aenter__(self) -> JobManager:
         await self.open()
@@ -120,7 +198,9 @@ class JobManager:
         job.state = state
         if state.state.finished:
             self._unwatch(job)
-        elif self._watch_monitor(job, own_child=False):
+            return
+        self._hold_address(job)
+        if self._watch_monitor(job):
             log.info("adopted running job", job=request.id, monitor=state.monitor_pid)
 
     # --- watching monitors and directories ----------------------------------------------------
@@ -131,16 +211,24 @@ class JobManager:
         self._by_wd[job.wd] = job
 
     def _unwatch(self, job: _Job) -> None:
+        """Stop watching a finished job: no inotify watch, no pidfd, its address free."""
         if job.wd is not None and self._inotify is not None:
             self._by_wd.pop(job.wd, None)
             self._inotify.rm_watch(job.wd)
         job.wd = None
+        self._close_pidfd(job)
+        if job.request.address:
+            address = ipaddress.IPv4Interface(job.request.address)
+            if self._addresses.get(address) == job.request.id:
+                del self._addresses[address]
+
+    def _close_pidfd(self, job: _Job) -> None:
         if job.pidfd is not None and self._loop is not None:
             self._loop.remove_reader(job.pidfd)
             os.close(job.pidfd)
         job.pidfd = None
 
-    def _watch_monitor(self, job: _Job, *, own_child: bool) -> bool:
+    def _watch_monitor(self, job: _Job) -> bool:
         """Learn when the job's monitor exits; False (and the job lost) if it already has."""
         assert self._loop is not None
         pid = job.state.monitor_pid
@@ -149,10 +237,8 @@ class JobManager:
         except (ProcessLookupError, ValueError):
             pidfd = -1
         # The pidfd names one process: if the pid was reused before pidfd_open, the start time
-        # differs. (A monitor this process forked and has not reaped cannot have been replaced.)
-        if pidfd < 0 or not (
-            own_child or linux.same_process(pid, job.state.monitor_start, job.state.boot_id)
-        ):
+        # differs. (The launcher reaps monitors, so even a fresh one may be gone already.)
+        if pidfd < 0 or not linux.same_process(pid, job.state.monitor_start, job.state.boot_id):
             if pidfd >= 0:
                 os.close(pidfd)
             self._lost(job)
@@ -160,15 +246,25 @@ class JobManager:
         job.pidfd = pidfd
 
         def exited() -> None:
-            if own_child:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+            self._close_pidfd(job)  # a pidfd stays readable: never leave it registered
             self._refresh(job)
             if not job.state.state.finished:
                 self._lost(job)
 
         self._loop.add_reader(pidfd, exited)
         return True
+
+    def _hold_address(self, job: _Job) -> None:
+        if job.request.address:
+            self._addresses[ipaddress.IPv4Interface(job.request.address)] = job.request.id
+
+    def _allocate_address(self, job_id: str) -> ipaddress.IPv4Interface:
+        assert self.egress is not None
+        for address in self.egress.addresses():
+            if address not in self._addresses:
+                self._addresses[address] = job_id
+                return address
+        raise FailedPrecondition(f"no free address in the egress subnet {self.egress.subnet}")
 
     def _on_inotify(self) -> None:
         assert self._inotify is not None
@@ -201,8 +297,9 @@ class JobManager:
             state = None
         if state is not None:
             job.state = state
-        if job.state.state.finished and not was_finished:
+        if job.state.state.finished:
             self._unwatch(job)
+        if job.state.state.finished and not was_finished:
             log.info(
                 "job ended",
                 job=job.request.id,
@@ -217,7 +314,11 @@ class JobManager:
         self._refresh(job)  # it may have recorded the end just before it exited
         if job.state.state.finished:
             return
-        _kill_job_group(job.state)
+        _kill_job_init(job.state)
+        shutil.rmtree(self.config.workspaces_dir / job.request.id, ignore_errors=True)
+        if self.egress is not None and job.request.address:
+            with contextlib.suppress(OSError):
+                network.detach(self.egress, job.request.id)
         job.state.state = JobState.FAILED
         job.state.ended_ns = job.state.ended_ns or time.time_ns()
         job.state.error = "the job's monitor ended unexpectedly; the job was lost"
@@ -250,45 +351,57 @@ class JobManager:
         ]
 
     async def start(self, job_type: str, args: Mapping[str, Any], owner: str) -> JobStatus:
-        """Start a job; returns once it runs, or raises with nothing left behind."""
+        """Start a job; returns once it runs in its sandbox, or raises with nothing left
+        behind (no process, directory, workspace or veth)."""
         job_spec = self.registry.lookup(job_type)
         clean_args = job_spec.spec.validate(args)
         if not owner:
             raise InvalidArgument("owner must not be empty")
+        egress = job_spec.network is Network.EGRESS
+        if egress and self.egress is None:
+            raise FailedPrecondition(
+                f"job type {job_type!r} needs network access, which this runner cannot give: "
+                f"{self.egress_error}"
+            )
+        launcher = self._launcher
+        if launcher is None or not launcher.alive:
+            raise Internal("the runner cannot start jobs: its launcher is not running")
         job_id, job_dir = self._allocate()
-        request = store.JobRequest(job_id, job_type, clean_args, owner, time.time_ns())
+        address = self._allocate_address(job_id) if egress else None
+        request = store.JobRequest(
+            job_id,
+            job_type,
+            clean_args,
+            owner,
+            time.time_ns(),
+            network=job_spec.network.value,
+            address=str(address) if address is not None else "",
+        )
         job = _Job(request, store.StateFile(), job_dir)
-        pid = 0
+        header = wire.LaunchHeader(
+            job_id, job_type, self.config.stop_grace_seconds, request.address
+        )
         try:
-            store.write_request(job_dir, request)
+            # Not synced to disk now: the monitor does that when the job ends.
+            store.write_request(job_dir, request, durable=False)
             os.close(os.open(job_dir / store.OUTPUT_FILE, os.O_CREAT | os.O_EXCL, 0o600))
             self._watch(job)
-            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-            launch = monitor.Launch(job_dir, job_spec, clean_args, self.config.stop_grace_seconds)
             try:
-                pid = monitor.spawn(launch, ready_w)
-            except BaseException:
-                os.close(ready_r)
-                raise
-            finally:
-                os.close(ready_w)
-            report = await asyncio.wait_for(_read_pipe(ready_r), START_TIMEOUT_SECONDS)
-            result = json.loads(report or b'{"ok": false, "error": "the monitor died"}')
-            if not result.get("ok"):
-                raise Internal(f"job could not start: {result.get('error', 'unknown error')}")
+                await launcher.launch(header, clean_args, START_TIMEOUT_SECONDS)
+            except wire.MessageError as exc:
+                raise InvalidArgument(str(exc)) from None
             job.state = _expect_state(job_dir)
         except BaseException:
-            # Failed, timed out or cancelled: end whatever started and remove every trace.
+            # Failed, timed out or cancelled. The monitor removed its own traces when it
+            # failed; if it never answered, the launcher kills it and removes them.
             self._unwatch(job)
-            if pid:
-                _kill_monitor(pid)
-            with contextlib.suppress(OSError, ValueError):
-                _kill_job_group(store.read_state(job_dir) or store.StateFile())
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
-        if self._watch_monitor(job, own_child=True):
-            self._refresh(job)  # a very short job may have ended already
+        if job.state.state.finished:  # a very short job may have ended already
+            self._unwatch(job)
+        elif self._watch_monitor(job):
+            self._refresh(job)
         log.info("job started", job=job_id, type=job_type, owner=owner, pid=job.state.job_pid)
         return job.status
 
@@ -426,46 +539,10 @@ def _expect_state(job_dir: Path) -> store.StateFile:
     return state
 
 
-def _kill_monitor(pid: int) -> None:
-    """SIGKILL a monitor this process forked, and reap it. Its job dies with it (the job's
-    parent-death signal); what else the job started, the caller kills by process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid cannot name anyone else
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def _kill_job_group(state: store.StateFile) -> None:
-    """SIGKILL what is left of a job whose monitor is gone, but only if the recorded pid still
-    names the job's process in this boot: after a reboot or a long time it may name anything."""
+def _kill_job_init(state: store.StateFile) -> None:
+    """SIGKILL the init of a job whose monitor is gone (its whole namespace dies with it), but
+    only if the recorded pid still names that init in this boot: after a reboot or a long time
+    it may name anything."""
     if linux.same_process(state.job_pid, state.job_start, state.boot_id):
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(state.job_pid, signal.SIGKILL)
-
-
-async def _read_pipe(fd: int) -> bytes:
-    """Read ``fd`` to EOF without blocking the loop; always closes it."""
-    loop = asyncio.get_running_loop()
-    try:
-        os.set_blocking(fd, False)
-        data = bytearray()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            try:
-                chunk = os.read(fd, 4096)
-            except BlockingIOError:
-                return
-            if chunk:
-                data.extend(chunk)
-            elif not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, readable)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-    finally:
-        os.close(fd)
-    return bytes(data)
+            os.kill(state.job_pid, signal.SIGKILL)

@@ -1,108 +1,81 @@
-"""The job monitor and the job process (design sections 2, 5 and 6).
+"""The job monitor (design sections 2, 5 and 6): one per job, forked by the launcher.
 
-The runner forks one monitor per job. The monitor starts its own session (so it outlives the
-runner), forks the job, and then owns the read ends of the job's stdout and stderr pipes: it
-appends output to the job's ``output`` file as it arrives and records the job's end in
-``state.json``. A SIGTERM to the monitor means "stop the job": it sends SIGTERM to the job's
-process group, waits the grace period, then kills the group.
+The monitor starts its own session (it outlives the runner and the launcher), makes the job's
+workspace, unshares the PID namespace for its children and forks the job's init
+(:mod:`workernator_runner.sandbox`), which builds the rest of the sandbox. Egress jobs get their
+``eth0`` from the monitor, which stays in the host's namespaces. Once the job runs, the monitor
+records it in ``state.json``, tells the runner, and then owns the read ends of the job's stdout
+and stderr pipes: it appends output to the job's ``output`` file as it arrives and records the
+job's end. A SIGTERM to the monitor means "stop the job": SIGTERM to the init (which forwards it
+to the job), the grace period, then SIGKILL to the init, which takes its whole namespace down.
 
 Nothing here uses asyncio: the monitor is a plain ``selectors`` loop, small enough to follow
-line by line, and it never returns into the runner's code (it leaves with ``os._exit``).
+line by line, and it never returns into the launcher's code (the launcher ``os._exit``s).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import json
+import ipaddress
 import os
 import selectors
+import shutil
 import signal
-import sys
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from shared.model import JobState, Stream
-from workernator_runner import linux, store
-from workernator_runner.jobs import Job, JobFailed
+from workernator_runner import linux, network, rootfs, sandbox, store
+from workernator_runner.jobs import Job, Network
 
 PARTIAL_LINE_FLUSH_SECONDS = 0.05  # a line without its newline yet is written after this long
 DRAIN_SECONDS = 2.0  # after the job ended, how long to wait for pipes still held open
 READ_SIZE = 64 * 1024
-JOB_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "HOME": "/",
-    "TMPDIR": "/tmp",  # noqa: S108 - the job's own /tmp once it has a private root
-}
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the launcher fixed at startup, the same for every job."""
+
+    jobs_dir: Path
+    workspaces_dir: Path
+    uid: int
+    gid: int
+    user: str
+    tmp_size_mb: int
+    template: str  # the prepared root, in the launcher's mount namespace
+    seccomp_filter: bytes
+    egress: network.Egress | None
 
 
 @dataclass(frozen=True)
 class Launch:
-    """Everything the monitor needs, handed over in memory across fork()."""
+    """One job to start, from a checked launch message."""
 
-    job_dir: Path
+    job_id: str
     job: Job
     args: Mapping[str, Any]
     grace_seconds: float
+    address: ipaddress.IPv4Interface | None  # egress jobs only
 
 
-def spawn(launch: Launch, ready_fd: int) -> int:
-    """Fork the monitor; returns its pid. It reports start success or failure on ``ready_fd``."""
-    pid = os.fork()
-    if pid == 0:  # the monitor
-        _forget_parent_objects()
-        code = 70
-        try:
-            code = _monitor(launch, ready_fd)
-        except BaseException as exc:  # never return into the runner's code
-            _report(ready_fd, {"ok": False, "error": f"monitor failed: {exc!r}"})
-        finally:
-            os._exit(code)
-    return pid
+Report = Callable[[bool, str], None]  # (started, error) to the runner
 
 
-def _forget_parent_objects() -> None:
-    """Never collect what the parent made: its objects' finalizers would act on descriptors
-    this process has closed (or worse, reused), and collecting them would copy shared pages."""
-    gc.freeze()
-
-
-def _report(fd: int, message: dict[str, Any]) -> bool:
-    """Tell the runner how the start went; False if it is no longer listening."""
-    try:
-        os.write(fd, json.dumps(message).encode())
-        return True
-    except OSError:  # EPIPE: the runner gave up on this start, or died
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _detach(keep: set[int]) -> None:
-    """Forget the parent's signal setup and file descriptors, keeping 0-2 and ``keep``."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
-def _monitor(launch: Launch, ready_fd: int) -> int:
+def run(host: Host, launch: Launch, report: Report) -> int:
+    """The monitor's life, from the fork in the launcher to the job's recorded end."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    _detach({ready_fd})
-    job_dir = launch.job_dir
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    job_dir = host.jobs_dir / launch.job_id
     output_fd = os.open(job_dir / store.OUTPUT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     # Signals reach the loop through a pipe; the handler itself does nothing.
@@ -111,57 +84,198 @@ def _monitor(launch: Launch, ready_fd: int) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed ready pipe is an error, not death
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
-    monitor_pid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        _forget_parent_objects()
-        _job_process(launch, monitor_pid, out_w, err_w, setup_w)
-    for fd in (out_w, err_w, setup_w):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-
-    # The job closes its end of the setup pipe when it is about to run, or writes why not.
-    setup_error = _read_all(setup_r)
-    if setup_error:
-        os.waitpid(pid, 0)
-        _report(ready_fd, {"ok": False, "error": setup_error.decode(errors="replace")})
+    workspace = host.workspaces_dir / launch.job_id
+    job = _Job(host, launch, workspace)
+    try:
+        job.start()
+    except BaseException as exc:
+        job.abandon()
+        report(False, str(exc) or repr(exc))
         return 1
 
     state = store.StateFile(
         state=JobState.RUNNING,
-        monitor_pid=monitor_pid,
-        monitor_start=linux.process_start_time(monitor_pid),
-        job_pid=pid,
-        job_start=linux.process_start_time(pid),  # not reaped yet: /proc/<pid> is still there
+        monitor_pid=os.getpid(),
+        monitor_start=linux.process_start_time(os.getpid()),
+        job_pid=job.init_pid,
+        job_start=linux.process_start_time(job.init_pid),  # unreaped: /proc/<pid> is there
         boot_id=linux.boot_id(),
         started_ns=time.time_ns(),
     )
-    store.write_state(job_dir, state)
-    if not _report(ready_fd, {"ok": True}):
-        # Nobody will ever know this job started: end it, leave the cleanup to the runner.
-        _killpg(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return 1
+    store.write_state(job_dir, state, durable=False)  # lost with the machine anyway
+    report(True, "")
 
     pump = _Pump(output_fd)
-    wait_status, rusage = _supervise(pid, pidfd, out_r, err_r, wake_r, pump, launch, state)
+    wait_status, rusage = job.supervise(wake_r, pump, state)
     pump.flush_all()
+    job.cleanup()
     _finish(state, wait_status, rusage, pump.write_error)
     store.write_state(job_dir, state)
     return 0
 
 
-def _read_all(fd: int) -> bytes:
-    data = b""
-    while chunk := os.read(fd, 4096):
-        data += chunk
-    os.close(fd)
-    return data
+class _Job:
+    """The monitor's side of one sandboxed job."""
+
+    def __init__(self, host: Host, launch: Launch, workspace: Path) -> None:
+        self.host = host
+        self.launch = launch
+        self.workspace = workspace
+        self.init_pid = 0
+        self.pidfd = -1
+        self.out_r = self.err_r = -1
+        self.channel: socket.socket | None = None
+        self.veth = False
+
+    def start(self) -> None:
+        """Fork the init, wait until the job runs in its sandbox; raises with the reason."""
+        host, launch = self.host, self.launch
+        egress = host.egress if launch.job.network is Network.EGRESS else None
+        if launch.job.network is Network.EGRESS and (egress is None or launch.address is None):
+            raise OSError("egress networking is not available")
+        os.mkdir(self.workspace, 0o700)
+        os.chown(self.workspace, host.uid, host.gid)
+        box = sandbox.Sandbox(
+            job_id=launch.job_id,
+            uid=host.uid,
+            gid=host.gid,
+            root=rootfs.JobRoot(
+                template=host.template,
+                workspace=str(self.workspace),
+                tmp_size_mb=host.tmp_size_mb,
+                etc=rootfs.etc_files(
+                    launch.job_id,
+                    host.uid,
+                    host.gid,
+                    host.user,
+                    egress.resolv_conf if egress is not None else None,
+                ),
+                egress_files=rootfs.EGRESS_FILES if egress is not None else (),
+            ),
+            seccomp_filter=host.seccomp_filter,
+            address=launch.address if egress is not None else None,
+            gateway=egress.gateway.ip if egress is not None else None,
+        )
+        self.out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel = ours
+        linux.unshare(linux.CLONE_NEWPID)  # for the children only: the next one is PID 1
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            sandbox.init(box, launch.job, launch.args, out_w, err_w, theirs)
+        os.close(out_w)
+        os.close(err_w)
+        theirs.close()
+        self.init_pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        while True:
+            message = ours.recv(4096)
+            if message == sandbox.MSG_UNSHARED and egress is not None and not self.veth:
+                network.attach(egress, launch.job_id, pid)
+                self.veth = True
+                ours.send(sandbox.MSG_GO)
+            elif message == sandbox.MSG_RUNNING:
+                return
+            elif message.startswith(sandbox.MSG_ERROR):
+                raise OSError(message[1:].decode(errors="replace"))
+            elif not message:
+                _, status = os.waitpid(pid, 0)
+                self.init_pid = 0
+                raise OSError(f"the job's init ended during setup ({_describe_status(status)})")
+            else:
+                raise OSError(f"unexpected message from the job's init: {message[:20]!r}")
+
+    def abandon(self) -> None:
+        """After a failed start: kill the init (its namespace dies with it) and clean up."""
+        if self.init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove what the job had on the host: its veth and its workspace."""
+        if self.veth and self.host.egress is not None:
+            with contextlib.suppress(OSError):
+                network.detach(self.host.egress, self.launch.job_id)
+            self.veth = False
+        if self.workspace.exists():
+            shutil.rmtree(self.workspace, ignore_errors=True)  # fd-based: no symlink is followed
+
+    def supervise(self, wake_r: int, pump: _Pump, state: store.StateFile) -> tuple[int, Any]:
+        """Pump output until the job ended and its pipes closed; returns (wait status, rusage)
+        of the job's main process (the rusage covers every process the job had)."""
+        assert self.channel is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.out_r, selectors.EVENT_READ, Stream.STDOUT)
+        sel.register(self.err_r, selectors.EVENT_READ, Stream.STDERR)
+        sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        sel.register(wake_r, selectors.EVENT_READ, "signal")
+        open_pipes = 2
+        result: tuple[int, Any] | None = None
+        kill_at: float | None = None
+        drain_until: float | None = None
+        while open_pipes or result is None:
+            deadlines = [d for d in (pump.next_deadline(), kill_at, drain_until) if d is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, _ in sel.select(timeout):
+                what = key.data
+                if isinstance(what, Stream):
+                    data = os.read(key.fd, READ_SIZE)
+                    if data:
+                        pump.feed(what, data)
+                    else:
+                        sel.unregister(key.fd)
+                        os.close(key.fd)
+                        pump.flush(what)
+                        open_pipes -= 1
+                elif what == "exit":
+                    # The init is gone, and with it every process of the job.
+                    _, init_status, rusage = os.wait4(self.init_pid, 0)
+                    result = (self._job_status(init_status), rusage)
+                    sel.unregister(self.pidfd)
+                    os.close(self.pidfd)
+                    kill_at = None
+                    drain_until = time.monotonic() + DRAIN_SECONDS
+                elif what == "signal":
+                    signals = os.read(wake_r, 64)
+                    if signal.SIGTERM in signals and result is None and not state.stop_requested:
+                        state.stop_requested = True
+                        self._signal_init(signal.SIGTERM)  # the init forwards it to the job
+                        kill_at = time.monotonic() + self.launch.grace_seconds
+            now = time.monotonic()
+            pump.flush_due(now)
+            if kill_at is not None and now >= kill_at:
+                self._signal_init(signal.SIGKILL)
+                kill_at = None
+            if drain_until is not None and now >= drain_until:
+                break  # something outside the job holds the pipes; stop waiting
+        sel.close()
+        assert result is not None
+        return result
+
+    def _signal_init(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def _job_status(self, init_status: int) -> int:
+        """The wait status of the job's main process, as the init reported it; the init's own
+        when it could not report (it was killed: then so was the job)."""
+        assert self.channel is not None
+        self.channel.setblocking(False)
+        try:
+            message = self.channel.recv(64)
+        except BlockingIOError:
+            message = b""
+        if message.startswith(sandbox.MSG_STATUS) and len(message) == 1 + sandbox.STATUS.size:
+            status: int = sandbox.STATUS.unpack(message[1:])[0]
+            return status
+        return init_status
 
 
 class _Pump:
@@ -219,71 +333,10 @@ class _Pump:
             self.write_error = self.write_error or f"output could not be saved: {exc}"
 
 
-def _supervise(
-    pid: int,
-    pidfd: int,
-    out_r: int,
-    err_r: int,
-    wake_r: int,
-    pump: _Pump,
-    launch: Launch,
-    state: store.StateFile,
-) -> tuple[int, Any]:
-    """Pump output until the job ended and its pipes closed; returns (wait status, rusage)."""
-    sel = selectors.DefaultSelector()
-    sel.register(out_r, selectors.EVENT_READ, Stream.STDOUT)
-    sel.register(err_r, selectors.EVENT_READ, Stream.STDERR)
-    sel.register(pidfd, selectors.EVENT_READ, "exit")
-    sel.register(wake_r, selectors.EVENT_READ, "signal")
-    open_pipes = 2
-    result: tuple[int, Any] | None = None
-    kill_at: float | None = None
-    drain_until: float | None = None
-    while open_pipes or result is None:
-        deadlines = [d for d in (pump.next_deadline(), kill_at, drain_until) if d is not None]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        for key, _ in sel.select(timeout):
-            what = key.data
-            if isinstance(what, Stream):
-                data = os.read(key.fd, READ_SIZE)
-                if data:
-                    pump.feed(what, data)
-                else:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    pump.flush(what)
-                    open_pipes -= 1
-            elif what == "exit":
-                # The job's main process ended. Kill what is left of its process group while
-                # the leader is a zombie (so the group id cannot be reused), then reap it.
-                _killpg(pid, signal.SIGKILL)
-                _, wait_status, rusage = os.wait4(pid, 0)
-                result = (wait_status, rusage)
-                sel.unregister(pidfd)
-                os.close(pidfd)
-                kill_at = None
-                drain_until = time.monotonic() + DRAIN_SECONDS
-            elif what == "signal":
-                signals = os.read(wake_r, 64)
-                if signal.SIGTERM in signals and result is None and not state.stop_requested:
-                    state.stop_requested = True
-                    _killpg(pid, signal.SIGTERM)
-                    kill_at = time.monotonic() + launch.grace_seconds
-        now = time.monotonic()
-        pump.flush_due(now)
-        if kill_at is not None and now >= kill_at:
-            _killpg(pid, signal.SIGKILL)
-            kill_at = None
-        if drain_until is not None and now >= drain_until:
-            break  # something outside the process group holds the pipes; stop waiting
-    sel.close()
-    assert result is not None
-    return result
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def _finish(state: store.StateFile, wait_status: int, rusage: Any, write_error: str) -> None:
@@ -310,65 +363,3 @@ def _finish(state: store.StateFile, wait_status: int, rusage: Any, write_error: 
         state.error = detail
     if write_error:
         state.error = f"{state.error}; {write_error}" if state.error else write_error
-
-
-# --- the job process --------------------------------------------------------------------------
-
-
-def _job_process(
-    launch: Launch, monitor_pid: int, out_w: int, err_w: int, setup_w: int
-) -> NoReturn:
-    """Set up the job process, tell the monitor, run the job. Never returns."""
-    try:
-        # Die with the monitor: without it nobody could stop this job or read its output.
-        # (Credential changes clear this: set it again after dropping privileges.)
-        linux.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != monitor_pid:  # the monitor died before the line above
-            os._exit(1)
-        os.setsid()  # its own process group: stop signals the whole group
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        _detach({setup_w})
-        os.environ.clear()
-        os.environ.update(JOB_ENV)
-        os.chdir("/")
-        # Sandbox: namespaces, cgroup placement, mounts and dropping privileges go here,
-        # before the job's code runs (design section 7).
-        sys.stdout = open(  # noqa: SIM115 - lives until the process exits
-            1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
-        )
-        sys.stderr = open(  # noqa: SIM115
-            2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
-        )
-    except BaseException as exc:
-        try:
-            os.write(setup_w, f"job setup failed: {exc}".encode())
-        finally:
-            os._exit(127)
-    os.close(setup_w)
-    code = run_job(launch.job, launch.args)
-    os._exit(code)
-
-
-def run_job(job: Job, args: Mapping[str, Any]) -> int:
-    """Run ``job`` with its framing lines; returns the exit status."""
-    if job.framed:
-        print(f"[JOB] Starting job '{job.spec.title}'", flush=True)
-    try:
-        job.run(args)
-    except JobFailed as exc:
-        print(f"[ERROR] {exc}", file=sys.stderr, flush=True)
-        if job.framed:
-            print("[JOB] Failed", flush=True)
-        return 1
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:
-        print(f"[ERROR] The job crashed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        if job.framed:
-            print("[JOB] Failed", flush=True)
-        return 1
-    if job.framed:
-        print("[JOB] Complete", flush=True)
-    sys.stdout.flush()
-    return 0

@@ -41,6 +41,8 @@ class JobRequest:
     args: dict[str, Any]
     owner: str
     created_ns: int
+    network: str = "none"  # the job type's network mode when the job started
+    address: str = ""  # its address with prefix length ("10.92.0.2/16"), egress jobs only
 
 
 @dataclass
@@ -50,8 +52,8 @@ class StateFile:
     state: JobState = JobState.RUNNING
     monitor_pid: int = 0
     monitor_start: int = 0  # start time of the monitor in clock ticks since boot (pid reuse)
-    job_pid: int = 0
-    job_start: int = 0  # start time of the job's main process, like monitor_start
+    job_pid: int = 0  # the job's init (PID 1 of its namespaces), as the host sees it
+    job_start: int = 0  # start time of the job's init, like monitor_start
     boot_id: str = ""  # the boot the pids and start times belong to
     started_ns: int | None = None
     ended_ns: int | None = None
@@ -62,21 +64,23 @@ class StateFile:
     usage: dict[str, int] = field(default_factory=dict)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``path`` whole: a reader sees the old or the new contents, never a mix."""
+def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
+    """Write ``path`` whole: a reader sees the old or the new contents, never a mix. With
+    ``durable``, the contents are on disk before the rename (they survive a crash)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(json.dumps(data, sort_keys=True).encode())
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
 
 
-def write_request(job_dir: Path, request: JobRequest) -> None:
+def write_request(job_dir: Path, request: JobRequest, *, durable: bool = True) -> None:
     write_json_atomic(
         job_dir / JOB_FILE,
         {
@@ -85,7 +89,10 @@ def write_request(job_dir: Path, request: JobRequest) -> None:
             "args": request.args,
             "owner": request.owner,
             "created_ns": request.created_ns,
+            "network": request.network,
+            "address": request.address,
         },
+        durable=durable,
     )
 
 
@@ -97,13 +104,15 @@ def read_request(job_dir: Path) -> JobRequest:
         args=dict(data["args"]),
         owner=str(data["owner"]),
         created_ns=int(data["created_ns"]),
+        network=str(data.get("network", "none")),
+        address=str(data.get("address", "")),
     )
 
 
-def write_state(job_dir: Path, state: StateFile) -> None:
+def write_state(job_dir: Path, state: StateFile, *, durable: bool = True) -> None:
     data = dict(state.__dict__)
     data["state"] = state.state.value
-    write_json_atomic(job_dir / STATE_FILE, data)
+    write_json_atomic(job_dir / STATE_FILE, data, durable=durable)
 
 
 def read_state(job_dir: Path) -> StateFile | None:

@@ -11,7 +11,9 @@ module has a ``JOBS`` sequence of :class:`Job`. The tests use this for probe job
 
 from __future__ import annotations
 
+import enum
 import importlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +27,20 @@ class JobFailed(Exception):
     """The job could not do its work; the message is printed as its error line."""
 
 
+class Network(enum.StrEnum):
+    """What a job type may reach (design section 7)."""
+
+    NONE = "none"  # its own network namespace with only loopback
+    EGRESS = "egress"  # plus outbound connections through the runner's bridge and NAT
+
+
 @dataclass(frozen=True)
 class Job:
     spec: JobSpec
     run: Callable[[Mapping[str, Any]], None]
     # Print the "[JOB] Starting job ..." and "[JOB] Complete" lines around the job's output.
     framed: bool = True
+    network: Network = Network.NONE
 
 
 class Registry(Mapping[str, Job]):
@@ -79,3 +89,27 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
         return Registry(jobs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def run_job(job: Job, args: Mapping[str, Any]) -> int:
+    """Run ``job`` with its framing lines, in the job process; returns the exit status."""
+    if job.framed:
+        print(f"[JOB] Starting job '{job.spec.title}'", flush=True)
+    try:
+        job.run(args)
+    except JobFailed as exc:
+        print(f"[ERROR] {exc}", file=sys.stderr, flush=True)
+        if job.framed:
+            print("[JOB] Failed", flush=True)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        print(f"[ERROR] The job crashed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if job.framed:
+            print("[JOB] Failed", flush=True)
+        return 1
+    if job.framed:
+        print("[JOB] Complete", flush=True)
+    sys.stdout.flush()
+    return 0

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import string
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 from shared import catalog, expr
-from workernator_runner.jobs import Job, JobFailed
+from workernator_runner.jobs import Job, JobFailed, Network
 
 REQUEST_TIMEOUT_SECONDS = 30.0
 
@@ -87,9 +89,132 @@ def run_eval(args: Mapping[str, Any]) -> None:
 # --- wait -------------------------------------------------------------------------------------
 
 
+MAX_REDIRECTS = 5
+
+
 def _seconds(value: float) -> str:
     text = f"{value:g}"
     return f"{text} second" if value == 1 else f"{text} seconds"
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most :data:`MAX_REDIRECTS` redirects, and only to http(s) URLs, no user info.
+
+    urllib's own handler would also follow a redirect to ftp:// (and log in there), and answer a
+    redirect to other schemes with an HTTPError the job would report as a status. Here a
+    redirect anywhere else ends the job FAILED, before any connection is made.
+    """
+
+    def __init__(self) -> None:
+        self.followed = 0  # one opener, so one handler, per job
+
+    def http_error_302(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+    ) -> Any:
+        location = headers.get("location", headers.get("uri"))
+        if location is None:
+            return None  # nowhere to go: the 3xx itself is the answer, reported as a status
+        target = _redirect_target(req.full_url, location)
+        refusal = _redirect_refusal(target)
+        if refusal is None and self.followed >= MAX_REDIRECTS:
+            refusal = f"{MAX_REDIRECTS} redirects were followed already, the most allowed"
+        if refusal is not None:
+            fp.close()
+            raise JobFailed(f"Redirect to {_without_password(target)} refused: {refusal}")
+        new = self.redirect_request(req, fp, code, msg, headers, target)
+        if new is None:
+            return None
+        self.followed += 1
+        say("WAIT", f"Following a {code} redirect to {target}")
+        fp.close()  # the redirect's body is not needed (urllib reads it all first)
+        return self.parent.open(new, timeout=req.timeout)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if code in (307, 308):
+            # These keep the method and the body: the empty POST stays an empty POST (urllib
+            # itself follows a 307 or 308 only for a GET or a HEAD).
+            return urllib.request.Request(  # noqa: S310 - checked by _redirect_refusal
+                newurl,
+                data=req.data,
+                headers=dict(req.headers),
+                origin_req_host=req.origin_req_host,
+                unverifiable=True,
+                method=req.get_method(),
+            )
+        # 301, 302 and 303: urllib turns the POST into a GET without a body, as browsers do.
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _redirect_target(base: str, location: str) -> str:
+    """The absolute URL a Location header points to, as urllib computes it."""
+    # http.client decodes headers as ISO-8859-1: recover the bytes and percent-encode those
+    # that are not ASCII, and spaces and control characters.
+    quoted = urllib.parse.quote(location, encoding="iso-8859-1", safe=string.punctuation)
+    try:
+        return urllib.parse.urljoin(base, quoted)
+    except ValueError:  # e.g. "http://[::1/": refused by _redirect_refusal
+        return quoted
+
+
+def _redirect_refusal(target: str) -> str | None:
+    """Why the job does not follow a redirect to ``target``, or None if it does."""
+    try:
+        parts = urllib.parse.urlsplit(target)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "only http and https redirects are followed"
+    if "@" in parts.netloc:
+        return "a redirect URL must not contain a user name or password"
+    if not parts.hostname:
+        return "the URL has no host"
+    return None
+
+
+def _without_password(url: str) -> str:
+    """``url`` for an output line: a password in it is replaced by ``***``."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return url
+    # The scheme cannot hold "@" and the user name cannot hold ":", so this is the password.
+    return url if password is None else url.replace(f":{password}@", ":***@", 1)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """An opener for http and https only.
+
+    Unlike ``urlopen``'s it has no ProxyHandler (so proxy environment variables are never
+    used), no ftp:, file: or data: handlers, and redirects go through :class:`_Redirects`.
+    """
+    opener = urllib.request.OpenerDirector()
+    handlers: tuple[urllib.request.BaseHandler, ...] = (
+        urllib.request.UnknownHandler(),  # any other scheme: URLError "unknown url type"
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        urllib.request.HTTPErrorProcessor(),  # a non-2xx answer goes to the error handlers:
+        _Redirects(),  # a redirect is followed or refused,
+        urllib.request.HTTPDefaultErrorHandler(),  # anything else raises HTTPError
+    )
+    for handler in handlers:
+        opener.add_handler(handler)
+    return opener
 
 
 def run_wait(args: Mapping[str, Any]) -> None:
@@ -99,14 +224,12 @@ def run_wait(args: Mapping[str, Any]) -> None:
     time.sleep(seconds)
     say("WAIT", f"Sending a POST to {url}")
     request = urllib.request.Request(url, data=b"", method="POST")  # noqa: S310 - http(s) only
-    context = ssl.create_default_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(  # noqa: S310 - the catalog allows http and https only
-            request, timeout=REQUEST_TIMEOUT_SECONDS, context=context
-        ) as response:
+        with _opener().open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
             status, reason = response.status, response.reason
     except urllib.error.HTTPError as exc:  # an answer, just not a 2xx one
         status, reason = exc.code, exc.reason
+        exc.close()
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise JobFailed(f"Request to {url} failed: {reason}") from None
@@ -118,5 +241,5 @@ JOBS = (
     Job(catalog.NOOP, run_noop, framed=False),  # noop prints nothing at all
     Job(catalog.FIB, run_fib),
     Job(catalog.EVAL, run_eval),
-    Job(catalog.WAIT, run_wait),
+    Job(catalog.WAIT, run_wait, network=Network.EGRESS),  # the only job that needs a network
 )

@@ -1,0 +1,190 @@
+"""The job's root filesystem (design section 7): prepared once, finished per job in microseconds.
+
+Once, in the launcher (its own mount namespace, so the host never sees these mounts), a
+*template* root is built on a tmpfs per network mode, then made read-only:
+
+    /usr                    the host's /usr, bound read-only (nosuid, nodev)
+    /bin /lib ...           the host's merged-usr links (or read-only binds where they are dirs)
+    <python dirs>           the Python installation and the job code, bound read-only at their
+                            own paths (their parents are empty tmpfs directories, so a Python
+                            under a 0700 home directory is reachable and nothing else of it is)
+    /dev                    null, zero, full, random, urandom (binds of the host's nodes), and
+                            the fd, stdin, stdout, stderr links
+    /etc /proc /tmp /workspace   empty mount points, filled per job
+
+Per job, in the job's init (PID 1 of its namespaces) after it unshared the mount namespace,
+:func:`enter` mounts a fresh ``/proc``, a size-limited tmpfs ``/tmp``, a small tmpfs ``/etc``
+with the synthetic files, the job's ``/workspace`` directory (real disk), then ``pivot_root``
+into the template's copy and detaches the old root: everything else of the host is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from workernator_runner import linux
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
+MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+MOUNT_POINTS = ("etc", "proc", "tmp", "workspace", "dev")
+# Only for jobs with network access: what TLS and name resolution read.
+EGRESS_FILES = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
+ETC_SIZE = "256k"
+
+_RO_BIND = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+_SAFE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+
+
+@dataclass(frozen=True)
+class JobRoot:
+    """What :func:`enter` needs to finish one job's root."""
+
+    template: str  # the prepared root (a mount point in the launcher's mount namespace)
+    workspace: str  # the job's /workspace on the host (a directory owned by the job user)
+    tmp_size_mb: int
+    etc: Mapping[str, str]  # file name in /etc -> contents
+    egress_files: tuple[str, ...] = ()  # host files and directories bound at the same path
+
+
+def python_paths() -> list[str]:
+    """The directories (and single-file modules) a job needs to import what it may import
+    lazily: the Python installation's entries of ``sys.path`` and the location of every
+    top-level module loaded so far. Call it once the job code is imported."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    found: set[str] = set()
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and os.path.isdir(entry):
+            real = os.path.realpath(entry)
+            if any(_under(real, os.path.realpath(p)) for p in prefixes):
+                found.add(real)
+    for name, module in list(sys.modules.items()):
+        if "." in name:
+            continue
+        locations: Iterable[str] = getattr(module, "__path__", None) or (
+            [module.__file__] if getattr(module, "__file__", None) else []
+        )
+        for location in locations:
+            if isinstance(location, str) and os.path.exists(location):
+                found.add(os.path.realpath(location))
+    return minimal_cover(p for p in found if not _under(p, "/usr"))
+
+
+def minimal_cover(paths: Iterable[str]) -> list[str]:
+    """The paths that are not inside another one of them, sorted."""
+    result: list[str] = []
+    for path in sorted(set(paths)):
+        if not any(_under(path, kept) for kept in result):
+            result.append(path)
+    return result
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+# --- once, in the launcher --------------------------------------------------------------------
+
+
+def build_template(root: str, binds: Iterable[str], extra_dirs: Iterable[str] = ()) -> None:
+    """Make ``root`` (an existing empty directory) a read-only template root."""
+    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
+    for name in MERGED_USR:
+        host = f"/{name}"
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), f"{root}/{name}")
+        elif os.path.isdir(host):
+            _bind_ro(host, root)
+    _bind_ro("/usr", root)
+    for path in binds:
+        _bind_ro(path, root)
+    for name in MOUNT_POINTS:
+        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
+    for path in extra_dirs:
+        os.makedirs(f"{root}{path}", mode=0o755, exist_ok=True)
+    for device in DEVICES:
+        target = f"{root}/dev/{device}"
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+        linux.mount(f"/dev/{device}", target, None, linux.MS_BIND)
+        linux.mount(
+            None,
+            target,
+            None,
+            linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NOEXEC,
+        )
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"{root}/dev/{name}")
+    linux.mount(
+        None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+    )
+
+
+def _bind_ro(host: str, root: str) -> None:
+    """Bind ``host`` read-only at the same path under ``root``, creating what leads there."""
+    target = f"{root}{host}"
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    if os.path.isdir(host):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+    linux.mount(host, target, None, linux.MS_BIND)
+    linux.mount(None, target, None, _RO_BIND)
+
+
+# --- per job, in the job's init ---------------------------------------------------------------
+
+
+def enter(job: JobRoot) -> None:
+    """Finish the job's root on the template's copy in this (new) mount namespace, pivot into
+    it and detach the host's tree. Call in a fresh mount namespace, as root."""
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing goes back out
+    root = job.template
+    linux.mount("proc", f"{root}/proc", "proc", _SAFE)
+    tmp = f"{root}/tmp"  # noqa: S108 - the job's own tmpfs
+    linux.mount("tmpfs", tmp, "tmpfs", _SAFE, f"mode=1777,size={job.tmp_size_mb}m")
+    linux.mount(job.workspace, f"{root}/workspace", None, linux.MS_BIND)
+    linux.mount(None, f"{root}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
+    etc = f"{root}/etc"
+    linux.mount("tmpfs", etc, "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
+    for name, text in job.etc.items():
+        fd = os.open(f"{etc}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    for path in job.egress_files:
+        if os.path.exists(path):
+            _bind_ro(path, root)
+    linux.mount(None, etc, None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
+    os.chdir(root)
+    linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
+    linux.umount(".", linux.MNT_DETACH)  # ...and goes away, with every host mount under it
+    os.chdir("/")
+
+
+def etc_files(
+    hostname: str, uid: int, gid: int, user: str, resolv_conf: str | None
+) -> dict[str, str]:
+    """The synthetic /etc of a job: who is who, and how names resolve."""
+    files = {
+        "passwd": (
+            "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+            f"{user}:x:{uid}:{gid}:Workernator job:/workspace:/usr/sbin/nologin\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\n{user}:x:{gid}:\nnogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n",
+        "hostname": f"{hostname}\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+    if resolv_conf is not None:
+        files["resolv.conf"] = resolv_conf
+    return files
