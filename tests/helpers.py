@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.model import JobStatus, OutputChunk, Stream
+from workernator_runner import store
 from workernator_runner.manager import JobManager
 
 
@@ -43,3 +44,31 @@ def alive_pids(pids: list[int]) -> list[int]:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def pid_namespace(pid: int) -> str:
+    """The PID namespace of ``pid``, e.g. ``pid:[4026532301]``."""
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def namespace_members(namespace: str) -> list[int]:
+    """Host pids of the live (not zombie) processes in a PID namespace."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        if not process_gone(int(entry)):
+            members.append(int(entry))
+    return sorted(members)
+
+
+def job_namespace(m: JobManager, job_id: str) -> str:
+    """The PID namespace of a running job (from its init's pid in state.json)."""
+    state = store.read_state(m.config.jobs_dir / job_id)
+    assert state is not None and state.job_pid
+    return pid_namespace(state.job_pid)

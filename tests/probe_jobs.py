@@ -67,6 +67,22 @@ def _forker(args: Mapping[str, Any]) -> None:
     time.sleep(args.get("seconds", 3600))
 
 
+def _daemonize(args: Mapping[str, Any]) -> None:
+    """Start a daemon the classic way (fork, setsid, fork; it ignores SIGTERM and sleeps),
+    print its pid, then sleep ``seconds`` and exit, leaving it behind."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.write(w, f"daemon {os.getpid()}\n".encode())
+            time.sleep(3600)
+        os._exit(0)
+    os.close(w)
+    print(os.read(r, 100).decode(), end="", flush=True)
+    time.sleep(args["seconds"])
+
+
 def _drip(args: Mapping[str, Any]) -> None:
     """Print ``count`` numbered lines, one every ``interval`` seconds, the last without newline."""
     for i in range(args["count"]):
@@ -120,6 +136,16 @@ JOBS: tuple[Job, ...] = (
             ),
         ),
         _forker,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "daemonize",
+            "Daemonize",
+            "leaves a daemon behind",
+            (ArgSpec("seconds", ArgKind.FLOAT, "sleep"),),
+        ),
+        _daemonize,
         framed=False,
     ),
     Job(

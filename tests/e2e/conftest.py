@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROBE_MODULE, ROOT, Daemon, short_tmpdir, write_runner_config
+from tests.nethosts import EgressLab
 from workernator_api import certs
 from workernator_runner.config import RunnerConfig
 
@@ -90,7 +91,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(job_user: str, egress_lab: EgressLab) -> Iterator[Stack]:
     tmp = short_tmpdir("wn-e2e-")
     os.chmod(tmp, 0o755)
     cert_dir = tmp / "certs"
@@ -110,6 +111,10 @@ def stack() -> Iterator[Stack]:
         stop_grace_seconds=1.0,
         allowed_uids=frozenset({0, api_uid}),
         job_modules=(PROBE_MODULE,),  # job types the runner has and the api does not offer
+        job_user=job_user,
+        egress_bridge=egress_lab.bridge,
+        egress_subnet=egress_lab.subnet,
+        resolv_conf=egress_lab.resolv_conf,
     )
     (tmp / "run").mkdir(mode=0o755)
     write_runner_config(cfg, tmp / "runner.toml")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from shared.errors import InvalidArgument
 from shared.model import JobState
 from tests.helpers import run_job
+from tests.nethosts import EgressLab, bridge_host
 from workernator_runner.manager import JobManager
 
 
@@ -160,32 +161,13 @@ async def test_noop_prints_nothing_and_completes(manager: JobManager) -> None:
     assert status.state is JobState.COMPLETED
 
 
-SERVER = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length", "0"))
-        body = self.rfile.read(n)
-        code = 201 if self.path == "/ok" else 404
-        self.send_response(code)
-        self.end_headers()
-        print(f"{self.command} {self.path} {len(body)}", flush=True)
-    def log_message(self, *a): pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"""
-
-
 @pytest.fixture
-def http_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """A local HTTP server in a process of its own that records the requests it gets."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    yield f"http://127.0.0.1:{port}", proc
-    proc.terminate()
-    proc.wait(timeout=10)
+def http_server(egress_lab: EgressLab) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """An HTTP server on a test host on the jobs' bridge, recording the requests it gets
+    (jobs cannot reach the runner's own host)."""
+    with bridge_host(egress_lab) as host:
+        port, proc = host.http_server()
+        yield f"http://{host.address}:{port}", proc
 
 
 async def test_wait_posts_an_empty_body_and_reports_the_status(
@@ -206,7 +188,8 @@ async def test_wait_posts_an_empty_body_and_reports_the_status(
     assert status.ended_ns is not None and status.started_ns is not None
     assert status.ended_ns - status.started_ns >= 200_000_000
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "POST /ok 0"
+    request = json.loads(proc.stdout.readline())
+    assert (request["method"], request["path"], request["body"]) == ("POST", "/ok", 0)
 
 
 async def test_wait_reports_a_non_2xx_status(
@@ -218,17 +201,15 @@ async def test_wait_reports_a_non_2xx_status(
     assert status.state is JobState.COMPLETED
 
 
-async def test_wait_request_failure_is_a_clear_error(manager: JobManager, tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: bound, never listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        status, out, err = await run_job(
-            manager, "wait", {"seconds": 0, "url": f"http://127.0.0.1:{port}/"}
-        )
+async def test_wait_request_failure_is_a_clear_error(
+    manager: JobManager, http_server: tuple[str, subprocess.Popen[str]]
+) -> None:
+    base, _ = http_server
+    host = base.split("//")[1].split(":")[0]
+    url = f"http://{host}:1/"  # the host is there; nothing listens on that port
+    status, out, err = await run_job(manager, "wait", {"seconds": 0, "url": url})
     assert status.state is JobState.FAILED
-    assert err.startswith(f"[ERROR] Request to http://127.0.0.1:{port}/ failed: ".encode())
+    assert err.startswith(f"[ERROR] Request to {url} failed: ".encode())
     assert b"refused" in err.lower()
     assert out.endswith(b"[JOB] Failed\n")
 

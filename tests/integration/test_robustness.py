@@ -6,14 +6,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
 
 from shared.model import JobState
-from tests.helpers import alive_pids, collect, joined, process_gone
-from workernator_runner import linux, store
-from workernator_runner import manager as manager_mod
+from tests.helpers import collect, joined, namespace_members, pid_namespace, process_gone
+from workernator_runner import launch, linux, store
 from workernator_runner.manager import JobManager
 
 
@@ -25,36 +25,43 @@ async def _wait_for(predicate: object, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_cancelled_start_leaves_nothing_behind(
-    manager: JobManager, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def never(fd: int) -> bytes:  # the runner never hears back from the monitor
-        try:
-            await asyncio.Event().wait()
-        finally:
-            os.close(fd)
-        return b""
+async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> None:
+    # The runner never hears that the job started: the monitor's report is dropped.
+    launcher = manager._launcher
+    assert launcher is not None
 
-    monkeypatch.setattr(manager_mod, "_read_pipe", never)
+    def deaf() -> None:
+        message = launcher.sock.recv(launch.MAX_MESSAGE, socket.MSG_PEEK)
+        if message[:1] == launch.STARTED:
+            launcher.sock.recv(launch.MAX_MESSAGE)
+            return
+        launcher._on_message()
+
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(launcher.sock.fileno())
+    loop.add_reader(launcher.sock.fileno(), deaf)
     task = asyncio.create_task(manager.start("forker", {"children": 2}, "alice"))
-    jobs_dir = manager.config.jobs_dir
+    cfg = manager.config
 
     def children_started() -> bool:
-        dirs = list(jobs_dir.iterdir())
+        dirs = list(cfg.jobs_dir.iterdir())
         return bool(dirs) and joined(list(store.iter_records(dirs[0] / "output"))).count(b"\n") >= 4
 
     await _wait_for(children_started)
-    job_dir = next(jobs_dir.iterdir())
+    job_dir = next(cfg.jobs_dir.iterdir())
     state = store.read_state(job_dir)
     assert state is not None
-    out = joined(list(store.iter_records(job_dir / "output"))).decode()
-    pids = [state.job_pid, state.monitor_pid] + [int(line.split()[1]) for line in out.splitlines()]
+    namespace = pid_namespace(state.job_pid)
+    assert len(namespace_members(namespace)) == 6  # init, job, 2 children, 2 grandchildren
+    assert list(cfg.workspaces_dir.iterdir()) != []
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert list(jobs_dir.iterdir()) == []
     assert manager.list() == []
-    await _wait_for(lambda: alive_pids(pids) == [])
+    await _wait_for(lambda: namespace_members(namespace) == [])
+    await _wait_for(lambda: process_gone(state.monitor_pid))
+    await _wait_for(lambda: list(cfg.jobs_dir.iterdir()) == [])
+    await _wait_for(lambda: list(cfg.workspaces_dir.iterdir()) == [])
 
 
 async def test_a_dying_monitor_is_noticed_without_a_stop(manager: JobManager) -> None:
@@ -63,13 +70,33 @@ async def test_a_dying_monitor_is_noticed_without_a_stop(manager: JobManager) ->
     assert state is not None
     reader = asyncio.create_task(collect(manager, job.id))
     await asyncio.sleep(0.2)
+    namespace = pid_namespace(state.job_pid)
     os.kill(state.monitor_pid, signal.SIGKILL)
     chunks = await asyncio.wait_for(reader, 5)  # the tail ends instead of hanging
     assert joined(chunks) == b"line 0"
     status = manager.status(job.id)
     assert status.state is JobState.FAILED
     assert "monitor ended unexpectedly" in status.error
-    await _wait_for(lambda: process_gone(state.job_pid))
+    await _wait_for(lambda: namespace_members(namespace) == [])
+    assert list(manager.config.workspaces_dir.iterdir()) == []
+
+
+async def test_killing_a_monitor_kills_every_process_of_its_job(manager: JobManager) -> None:
+    job = await manager.start("daemonize", {"seconds": 3600}, "alice")
+    await _first_line(manager, job.id)
+    state = store.read_state(manager.config.jobs_dir / job.id)
+    assert state is not None
+    namespace = pid_namespace(state.job_pid)
+    assert len(namespace_members(namespace)) == 3  # init, job, and a setsid'd daemon
+    os.kill(state.monitor_pid, signal.SIGKILL)
+    await _wait_for(lambda: namespace_members(namespace) == [])
+    await _wait_for(lambda: manager.status(job.id).state is JobState.FAILED)
+
+
+async def _first_line(m: JobManager, job_id: str) -> bytes:
+    async for chunk in m.read_output(job_id):
+        return chunk.data
+    raise AssertionError("no output")
 
 
 async def test_a_corrupt_state_file_does_not_stop_the_runner(manager: JobManager) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from shared.model import JobState
-from tests.helpers import alive_pids, collect, joined, process_gone
+from tests.helpers import collect, job_namespace, joined, namespace_members
 from workernator_runner.manager import JobManager
 
 
@@ -25,36 +25,60 @@ async def test_stop_a_job_that_ignores_sigterm_kills_it_after_the_grace_period(
     manager: JobManager,
 ) -> None:
     job = await manager.start("stubborn", {}, "alice")
-    (line,) = await _first_lines(manager, job.id, 1)  # it has set SIG_IGN by now
-    pid = int(line.split()[1])
+    await _first_lines(manager, job.id, 1)  # it has set SIG_IGN by now
+    namespace = job_namespace(manager, job.id)
+    assert len(namespace_members(namespace)) == 2  # its init and itself
     t0 = time.monotonic()
     stopped = await manager.stop(job.id)
     took = time.monotonic() - t0
     assert stopped.state is JobState.STOPPED
     assert stopped.signal == 9  # SIGTERM was ignored; the kill after the grace period did it
     assert manager.config.stop_grace_seconds <= took < manager.config.stop_grace_seconds + 2
-    assert process_gone(pid)
+    assert namespace_members(namespace) == []
 
 
 async def test_stop_kills_children_and_grandchildren(manager: JobManager) -> None:
     job = await manager.start("forker", {"children": 3}, "alice")
-    lines = await _first_lines(manager, job.id, 6)
-    pids = [int(line.split()[1]) for line in lines]
-    assert len(pids) == 6
-    assert alive_pids(pids) == pids
+    await _first_lines(manager, job.id, 6)
+    namespace = job_namespace(manager, job.id)
+    assert len(namespace_members(namespace)) == 8  # init, the job, 3 children, 3 grandchildren
     stopped = await manager.stop(job.id)
     assert stopped.state is JobState.STOPPED
     assert stopped.signal == 15
-    assert alive_pids(pids) == []  # the grandchildren ignored SIGTERM and were killed too
+    assert namespace_members(namespace) == []  # grandchildren ignoring SIGTERM were killed too
 
 
 async def test_leftover_children_die_when_the_main_process_ends(manager: JobManager) -> None:
-    job = await manager.start("forker", {"children": 2, "seconds": 0.3}, "alice")
+    job = await manager.start("forker", {"children": 2, "seconds": 0.5}, "alice")
+    namespace = job_namespace(manager, job.id)
     out = joined(await collect(manager, job.id))
-    pids = [int(line.split()[1]) for line in out.decode().splitlines()]
+    assert len(out.decode().splitlines()) == 4
     status = manager.status(job.id)
     assert status.state is JobState.COMPLETED
-    assert alive_pids(pids) == []
+    # Recorded as ended only once every process of it is gone: no waiting here.
+    assert namespace_members(namespace) == []
+
+
+async def test_daemons_that_escaped_the_session_die_with_the_job(manager: JobManager) -> None:
+    job = await manager.start("daemonize", {"seconds": 0.5}, "alice")
+    namespace = job_namespace(manager, job.id)
+    lines = await _first_lines(manager, job.id, 1)
+    assert lines[0].startswith("daemon ")  # a double-forked, setsid'd process ignoring SIGTERM
+    assert len(namespace_members(namespace)) == 3
+    out = joined(await collect(manager, job.id))
+    assert out.startswith(b"daemon ")
+    assert manager.status(job.id).state is JobState.COMPLETED
+    assert namespace_members(namespace) == []
+
+
+async def test_stop_kills_daemons_that_escaped_the_session(manager: JobManager) -> None:
+    job = await manager.start("daemonize", {"seconds": 3600}, "alice")
+    namespace = job_namespace(manager, job.id)
+    await _first_lines(manager, job.id, 1)
+    stopped = await manager.stop(job.id)
+    assert stopped.state is JobState.STOPPED
+    assert stopped.signal == 15  # the main process took the SIGTERM; the daemon ignored it
+    assert namespace_members(namespace) == []
 
 
 async def test_stop_twice_and_stop_of_a_finished_job_are_not_errors(
