@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from shared import ids
 from shared.model import JobStatus, OutputChunk, Stream
 from workernator_runner import store
 from workernator_runner.manager import JobManager
@@ -46,19 +47,37 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-def pid_namespace(pid: int) -> str:
-    """The PID namespace of ``pid``, e.g. ``pid:[4026532301]``."""
-    return os.readlink(f"/proc/{pid}/ns/pid")
+class PidNamespace:
+    """A PID namespace, held open so that its identity (the inode number of
+    ``/proc/<pid>/ns/pid``) cannot be given to a new namespace while a test looks for its
+    processes (the kernel reuses the numbers of freed namespaces)."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.name = os.readlink(f"/proc/{pid}/ns/pid")
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PidNamespace) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
 
-def namespace_members(namespace: str) -> list[int]:
+def pid_namespace(pid: int) -> PidNamespace:
+    return PidNamespace(pid)
+
+
+def namespace_members(namespace: PidNamespace) -> list[int]:
     """Host pids of the live (not zombie) processes in a PID namespace."""
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace.name:
                 continue
         except OSError:  # gone meanwhile
             continue
@@ -67,8 +86,13 @@ def namespace_members(namespace: str) -> list[int]:
     return sorted(members)
 
 
-def job_namespace(m: JobManager, job_id: str) -> str:
+def job_namespace(m: JobManager, job_id: str) -> PidNamespace:
     """The PID namespace of a running job (from its init's pid in state.json)."""
     state = store.read_state(m.config.jobs_dir / job_id)
     assert state is not None and state.job_pid
-    return pid_namespace(state.job_pid)
+    return PidNamespace(state.job_pid)
+
+
+def job_workspaces(m: JobManager) -> list[str]:
+    """The jobs that have a workspace (spare sandboxes have theirs under other names)."""
+    return sorted(p.name for p in m.config.workspaces_dir.iterdir() if ids.is_job_id(p.name))

@@ -349,8 +349,12 @@ JOBS += (
         JobSpec(
             "memscan",
             "Memscan",
-            "looks for a secret in its own memory",
-            (ArgSpec("prefix", _TEXT, ""), ArgSpec("digest", _TEXT, "")),
+            "looks for a secret in its own memory (holding it too, as a control)",
+            (
+                ArgSpec("prefix", _TEXT, ""),
+                ArgSpec("digest", _TEXT, ""),
+                ArgSpec("secret", _TEXT, "", required=False),
+            ),
         ),
         _memscan,
         framed=False,

@@ -34,26 +34,32 @@ class Launcher:
     def __init__(
         self,
         process: subprocess.Popen[bytes],
-        sock: socket.socket,
+        control: socket.socket,
+        jobs: socket.socket,
         on_exit: Callable[[str], None] | None,
     ) -> None:
         self.process = process
-        self.sock = sock
+        self.control = control  # init, ready, cancel: to and from the launcher
+        self.sock = jobs  # launch messages to spare sandboxes, and their answers
         self.on_exit = on_exit
         self.egress_error = ""
         self.exit_reason = ""  # set once the launcher is gone
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[str] = self._loop.create_future()
         self._pending: dict[str, asyncio.Future[None]] = {}
+        self._send_lock = asyncio.Lock()
         self._exited = asyncio.Event()
         self._pidfd = os.pidfd_open(process.pid)
         self._loop.add_reader(self.sock.fileno(), self._on_message)
+        self._loop.add_reader(self.control.fileno(), self._on_control)
         self._loop.add_reader(self._pidfd, self._on_exit)
 
     @classmethod
     async def spawn(cls, init: wire.Init, on_exit: Callable[[str], None] | None = None) -> Launcher:
         """Start the launcher and wait until it is ready; raises Internal if it cannot start."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        jobs, jobs_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs = (control_theirs.fileno(), jobs_theirs.fileno())
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
@@ -67,21 +73,25 @@ class Launcher:
                     "-s",
                     "-m",
                     "workernator_runner.launcher",
-                    "--fd",
-                    str(theirs.fileno()),
+                    "--control",
+                    str(theirs[0]),
+                    "--jobs",
+                    str(theirs[1]),
                 ],
-                pass_fds=(theirs.fileno(),),
+                pass_fds=theirs,
                 env=env,
                 cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )
         finally:
-            theirs.close()
-        ours.setblocking(False)
-        launcher = cls(process, ours, on_exit)
+            control_theirs.close()
+            jobs_theirs.close()
+        control.setblocking(False)
+        jobs.setblocking(False)
+        launcher = cls(process, control, jobs, on_exit)
         try:
-            ours.send(wire.encode_init(init))
+            control.send(wire.encode_init(init))
             launcher.egress_error = await asyncio.wait_for(launcher._ready, START_SECONDS)
         except BaseException:
             await launcher.close()
@@ -103,8 +113,12 @@ class Launcher:
         done: asyncio.Future[None] = self._loop.create_future()
         self._pending[header.job_id] = done
         try:
-            await self._loop.sock_sendall(self.sock, message)
-            await asyncio.wait_for(asyncio.shield(done), seconds)
+            async with asyncio.timeout(seconds):
+                # One sender at a time: a socket has one writer callback in the event loop. A
+                # full socket means every spare is busy; the next one takes the next message.
+                async with self._send_lock:
+                    await self._loop.sock_sendall(self.sock, message)
+                await asyncio.shield(done)
         except BaseException:
             if not done.done():  # no answer yet: the monitor may be half-way
                 self.cancel(header.job_id)
@@ -115,30 +129,40 @@ class Launcher:
     def cancel(self, job_id: str) -> None:
         """Kill the monitor of a start that has not answered, and remove its files."""
         with contextlib.suppress(OSError):
-            self.sock.send(wire.encode_cancel(job_id))
+            self.control.send(wire.encode_cancel(job_id))
+
+    def _on_control(self) -> None:
+        try:
+            message = self.control.recv(wire.MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("launcher control socket failed", error=str(exc))
+            message = b""
+        if not message:  # the launcher is gone; its exit is handled through the pidfd
+            self._loop.remove_reader(self.control.fileno())
+            return
+        kind = message[:1]
+        if kind == wire.READY and not self._ready.done():
+            data = msgpack.unpackb(message[1:], raw=False)
+            self._ready.set_result(str(data.get("egress_error", "")))
+        elif kind == wire.INIT_FAILED and not self._ready.done():
+            text = message[1:].decode(errors="replace")
+            self._ready.set_exception(Internal(f"the runner cannot start jobs: {text}"))
 
     def _on_message(self) -> None:
+        """An answer from a monitor: its job runs, or could not start."""
         try:
             message = self.sock.recv(wire.MAX_MESSAGE)
         except BlockingIOError:
             return
         except OSError as exc:
-            log.error("launcher socket failed", error=str(exc))
+            log.error("jobs socket failed", error=str(exc))
             return
-        if not message:  # every holder of the other end is gone
+        if not message:
             self._loop.remove_reader(self.sock.fileno())
             return
         kind = message[:1]
-        if kind == wire.READY:
-            data = msgpack.unpackb(message[1:], raw=False)
-            if not self._ready.done():
-                self._ready.set_result(str(data.get("egress_error", "")))
-            return
-        if kind == wire.INIT_FAILED:
-            if not self._ready.done():
-                text = message[1:].decode(errors="replace")
-                self._ready.set_exception(Internal(f"the launcher could not start: {text}"))
-            return
         try:
             job_id = wire.decode_job_id(message)
         except wire.MessageError:
@@ -165,14 +189,16 @@ class Launcher:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
+                future.add_done_callback(_retrieved)  # whoever gave up on it hears nothing
         if self.on_exit is not None:
             self.on_exit(self.exit_reason)
 
     async def close(self) -> None:
         """Stop the launcher (it exits when its socket closes); monitors go on."""
-        if self.sock.fileno() >= 0:
-            self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        for sock in (self.sock, self.control):
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
         if self.alive:
             self.on_exit = None  # an exit we asked for
             try:
@@ -182,3 +208,7 @@ class Launcher:
                 self.process.kill()
                 await self._exited.wait()
         os.close(self._pidfd)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    future.exception()

@@ -149,7 +149,7 @@ class JobManager:
         """Remove what jobs that no longer run left behind (a crash, say): workspaces, veths."""
         running = {job_id for job_id, job in self._jobs.items() if not job.state.state.finished}
         for path in self.config.workspaces_dir.iterdir():
-            if path.name not in running:
+            if ids.is_job_id(path.name) and path.name not in running:  # spares: the launcher's
                 log.info("removing a leftover workspace", path=str(path))
                 shutil.rmtree(path, ignore_errors=True)
         if self.egress is not None:
@@ -299,7 +299,7 @@ class JobManager:
             job.state = state
         if job.state.state.finished:
             self._unwatch(job)
-        if job.state.state.finished and not was_finished:
+        if job.state.state.finished and not was_finished and job.request.id in self._jobs:
             log.info(
                 "job ended",
                 job=job.request.id,
@@ -384,8 +384,7 @@ class JobManager:
         try:
             # Not synced to disk now: the monitor does that when the job ends.
             store.write_request(job_dir, request, durable=False)
-            os.close(os.open(job_dir / store.OUTPUT_FILE, os.O_CREAT | os.O_EXCL, 0o600))
-            self._watch(job)
+            self._watch(job)  # the monitor creates the output file
             try:
                 await launcher.launch(header, clean_args, START_TIMEOUT_SECONDS)
             except wire.MessageError as exc:
@@ -398,11 +397,12 @@ class JobManager:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
+        log.info("job started", job=job_id, type=job_type, owner=owner, pid=job.state.job_pid)
         if job.state.state.finished:  # a very short job may have ended already
             self._unwatch(job)
-        elif self._watch_monitor(job):
-            self._refresh(job)
-        log.info("job started", job=job_id, type=job_type, owner=owner, pid=job.state.job_pid)
+            log.info("job ended", job=job_id, state=job.state.state.value)
+        else:  # an end recorded from now on is seen: the directory was watched before
+            self._watch_monitor(job)
         return job.status
 
     def _allocate(self) -> tuple[str, Path]:

@@ -1,13 +1,18 @@
 """The job monitor (design sections 2, 5 and 6): one per job, forked by the launcher.
 
-The monitor starts its own session (it outlives the runner and the launcher), makes the job's
-workspace, unshares the PID namespace for its children and forks the job's init
-(:mod:`workernator_runner.sandbox`), which builds the rest of the sandbox. Egress jobs get their
-``eth0`` from the monitor, which stays in the host's namespaces. Once the job runs, the monitor
-records it in ``state.json``, tells the runner, and then owns the read ends of the job's stdout
-and stderr pipes: it appends output to the job's ``output`` file as it arrives and records the
-job's end. A SIGTERM to the monitor means "stop the job": SIGTERM to the init (which forwards it
-to the job), the grace period, then SIGKILL to the init, which takes its whole namespace down.
+A monitor starts as a *spare*: forked by the launcher before any job exists, it starts its own
+session (it outlives the runner and the launcher), unshares the PID namespace for its
+children and forks the sandbox's init (:mod:`workernator_runner.sandbox`), which prepares the
+namespaces, the root and the job process. Then it waits on the jobs socket shared by all
+spares; the one that receives a launch message becomes that job's monitor (and tells the
+launcher, which forks the next spare). So a start costs no fork and no namespace.
+
+As the job's monitor it checks the launch message, makes the job's workspace (and, for egress
+jobs, its veth), hands the job to the init, and once the job runs records it in ``state.json``
+and tells the runner. Then it owns the read ends of the job's stdout and stderr pipes: it
+appends output to the job's ``output`` file as it arrives and records the job's end. A SIGTERM
+means "stop the job": SIGTERM to the init (which forwards it to the job), the grace period,
+then SIGKILL to the init, which takes its whole namespace down.
 
 Nothing here uses asyncio: the monitor is a plain ``selectors`` loop, small enough to follow
 line by line, and it never returns into the launcher's code (the launcher ``os._exit``s).
@@ -16,25 +21,33 @@ line by line, and it never returns into the launcher's code (the launcher ``os._
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import selectors
 import shutil
 import signal
 import socket
+import struct
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import ids
 from shared.model import JobState, Stream
+from workernator_runner import launch as wire
 from workernator_runner import linux, network, rootfs, sandbox, store
 from workernator_runner.jobs import Job, Network
 
 PARTIAL_LINE_FLUSH_SECONDS = 0.05  # a line without its newline yet is written after this long
 DRAIN_SECONDS = 2.0  # after the job ended, how long to wait for pipes still held open
 READ_SIZE = 64 * 1024
+SPARE_NICENESS = 19
+SPARE_PREFIX = ".spare-"  # the workspace of a spare sandbox: .spare-<monitor pid>
+PID = struct.Struct("=i")
+# To the launcher, on a SOCK_SEQPACKET socketpair: kind, the spare's pid, then data.
+PREPARED = b"P"  # the sandbox is ready for a job
+TOOK = b"T"  # + job id: the spare took that job
+FAILED = b"F"  # + text: the sandbox could not be prepared
 
 
 @dataclass(frozen=True)
@@ -43,31 +56,16 @@ class Host:
 
     jobs_dir: Path
     workspaces_dir: Path
-    uid: int
-    gid: int
-    user: str
-    tmp_size_mb: int
-    template: str  # the prepared root, in the launcher's mount namespace
-    seccomp_filter: bytes
+    sandbox: sandbox.Sandbox
     egress: network.Egress | None
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One job to start, from a checked launch message."""
-
-    job_id: str
-    job: Job
-    args: Mapping[str, Any]
-    grace_seconds: float
-    address: ipaddress.IPv4Interface | None  # egress jobs only
+class StartFailed(Exception):
+    """The job could not start; the message says why (it goes to the user)."""
 
 
-Report = Callable[[bool, str], None]  # (started, error) to the runner
-
-
-def run(host: Host, launch: Launch, report: Report) -> int:
-    """The monitor's life, from the fork in the launcher to the job's recorded end."""
+def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
+    """A monitor's life: a prepared sandbox, then one job until its recorded end."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -75,8 +73,24 @@ def run(host: Host, launch: Launch, report: Report) -> int:
     os.close(null)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
-    job_dir = host.jobs_dir / launch.job_id
-    output_fd = os.open(job_dir / store.OUTPUT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    # Preparing spares must not slow down jobs that start meanwhile: at the lowest priority
+    # until this sandbox has a job (the monitor, its init and job process go back to 0 then).
+    os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICENESS)
+    job = _Job(host)
+    pid = PID.pack(os.getpid())
+    try:
+        job.prepare()
+    except BaseException as exc:
+        job.abandon()
+        with contextlib.suppress(OSError):  # the launcher is gone
+            notify.send(FAILED + pid + str(exc).encode()[:4000])
+        return 3
+    _rehearse(host)
+    try:
+        notify.send(PREPARED + pid)
+    except OSError:  # the launcher is gone: nobody will send a job
+        job.abandon()
+        return 0
 
     # Signals reach the loop through a pipe; the handler itself does nothing.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -86,78 +100,135 @@ def run(host: Host, launch: Launch, report: Report) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    workspace = host.workspaces_dir / launch.job_id
-    job = _Job(host, launch, workspace)
-    try:
-        job.start()
-    except BaseException as exc:
+    message = _receive(jobs)
+    if message is None:  # the runner is gone: this spare is not needed
         job.abandon()
-        report(False, str(exc) or repr(exc))
+        return 0
+    os.setpriority(os.PRIO_PGRP, 0, 0)  # this monitor and the init (the init does the job's)
+    try:
+        header, args_start = wire.decode_launch_header(memoryview(message))
+    except wire.MessageError as exc:
+        _reply(jobs, wire.START_FAILED, "", str(exc))
+        job.abandon()
         return 1
-
+    job_id = header.job_id
+    job_dir = host.jobs_dir / job_id
     state = store.StateFile(
         state=JobState.RUNNING,
         monitor_pid=os.getpid(),
-        monitor_start=linux.process_start_time(os.getpid()),
+        monitor_start=job.monitor_start,
         job_pid=job.init_pid,
-        job_start=linux.process_start_time(job.init_pid),  # unreaped: /proc/<pid> is there
+        job_start=job.init_start,
         boot_id=linux.boot_id(),
-        started_ns=time.time_ns(),
     )
-    store.write_state(job_dir, state, durable=False)  # lost with the machine anyway
-    report(True, "")
+    try:
+        job.start(header, message[args_start:])  # the init goes on with its part...
+        # ...while this records the job as running (the runner reads it once told).
+        output_fd = os.open(
+            job_dir / store.OUTPUT_FILE,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        state.started_ns = time.time_ns()
+        store.write_state(job_dir, state, durable=False)  # lost with the machine anyway
+        job.wait_running()
+    except BaseException as exc:
+        job.abandon()
+        text = str(exc) if isinstance(exc, StartFailed | OSError) else repr(exc)
+        if state.started_ns is not None:  # recorded as running: record the truth
+            state.state, state.error = JobState.FAILED, f"could not start: {text}"
+            with contextlib.suppress(OSError):
+                store.write_state(job_dir, state)
+        _reply(jobs, wire.START_FAILED, job_id, text)
+        _tell(notify, TOOK + pid + job_id.encode())
+        return 1
+    del message
+    _reply(jobs, wire.STARTED, job_id, "")
+    _tell(notify, TOOK + pid + job_id.encode())  # now the launcher may fork the next spare
 
     pump = _Pump(output_fd)
-    wait_status, rusage = job.supervise(wake_r, pump, state)
+    wait_status, rusage = job.supervise(wake_r, pump, state, header.grace_seconds)
     pump.flush_all()
     job.cleanup()
     _finish(state, wait_status, rusage, pump.write_error)
+    store.sync_file(job_dir / store.JOB_FILE)  # written quickly at the start; now for keeps
     store.write_state(job_dir, state)
     return 0
 
 
-class _Job:
-    """The monitor's side of one sandboxed job."""
+def _rehearse(host: Host) -> None:
+    """Run the start path's pure code once on a made-up job, while this is a spare at the
+    lowest priority. A fresh fork pays for its first write to each page it shares with the
+    launcher (copy-on-write, and Python writes reference counts everywhere): this takes most
+    of that off a real start. Nothing here has an effect outside this process."""
+    job_id = "A" * ids.LENGTH
+    message = wire.encode_launch(wire.LaunchHeader(job_id, "noop", 1.0, ""), {})
+    header, start = wire.decode_launch_header(memoryview(message))
+    for job in host.sandbox.registry.values():
+        with contextlib.suppress(Exception):
+            job.spec.validate(wire.decode_args(message[start:]))
+    sandbox.JobSetup(job_id, header.job_type, {}, rootfs.job_etc(job_id, None)).encode()
+    store.state_json(store.StateFile(started_ns=time.time_ns()))
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        pump = _Pump(null)
+        pump.feed(Stream.STDOUT, b"[JOB] rehearsal\n")
+        pump.flush_all()
+    finally:
+        os.close(null)
 
-    def __init__(self, host: Host, launch: Launch, workspace: Path) -> None:
+
+def _receive(jobs: socket.socket) -> bytes | None:
+    """One launch message from the runner, or None when the runner has gone away."""
+    while True:
+        try:
+            message, _, flags, _ = jobs.recvmsg(wire.MAX_MESSAGE)
+        except InterruptedError:
+            continue
+        if not message:
+            return None
+        if flags & socket.MSG_TRUNC:
+            _reply(jobs, wire.START_FAILED, "", "launch message too large")
+            continue
+        return message
+
+
+def _tell(notify: socket.socket, message: bytes) -> None:
+    with contextlib.suppress(OSError):  # the launcher is gone; the job still runs
+        notify.send(message)
+    notify.close()
+
+
+def _reply(jobs: socket.socket, kind: bytes, job_id: str, text: str) -> None:
+    """Tell the runner how the start went; this monitor keeps nothing of the jobs socket."""
+    with contextlib.suppress(OSError):
+        jobs.send(kind + job_id.encode() + text.encode()[:8000])
+    if job_id:
+        jobs.close()
+
+
+class _Job:
+    """The monitor's side of one sandbox, and then of its job."""
+
+    def __init__(self, host: Host) -> None:
         self.host = host
-        self.launch = launch
-        self.workspace = workspace
+        self.job_id = ""
         self.init_pid = 0
+        self.init_start = self.monitor_start = 0
         self.pidfd = -1
         self.out_r = self.err_r = -1
         self.channel: socket.socket | None = None
+        self.selector = selectors.DefaultSelector()  # the output pipes and the init's end
+        self.workspace: Path | None = None
         self.veth = False
 
-    def start(self) -> None:
-        """Fork the init, wait until the job runs in its sandbox; raises with the reason."""
-        host, launch = self.host, self.launch
-        egress = host.egress if launch.job.network is Network.EGRESS else None
-        if launch.job.network is Network.EGRESS and (egress is None or launch.address is None):
-            raise OSError("egress networking is not available")
+    def prepare(self) -> None:
+        """Make the sandbox's workspace, fork the init and wait until the sandbox is
+        prepared. The workspace takes the job's id when there is a job."""
+        host = self.host
+        self.workspace = host.workspaces_dir / f"{SPARE_PREFIX}{os.getpid()}"
         os.mkdir(self.workspace, 0o700)
-        os.chown(self.workspace, host.uid, host.gid)
-        box = sandbox.Sandbox(
-            job_id=launch.job_id,
-            uid=host.uid,
-            gid=host.gid,
-            root=rootfs.JobRoot(
-                template=host.template,
-                workspace=str(self.workspace),
-                tmp_size_mb=host.tmp_size_mb,
-                etc=rootfs.etc_files(
-                    launch.job_id,
-                    host.uid,
-                    host.gid,
-                    host.user,
-                    egress.resolv_conf if egress is not None else None,
-                ),
-                egress_files=rootfs.EGRESS_FILES if egress is not None else (),
-            ),
-            seccomp_filter=host.seccomp_filter,
-            address=launch.address if egress is not None else None,
-            gateway=egress.gateway.ip if egress is not None else None,
-        )
+        os.chown(self.workspace, host.sandbox.uid, host.sandbox.gid)
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -166,31 +237,80 @@ class _Job:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            sandbox.init(box, launch.job, launch.args, out_w, err_w, theirs)
+            sandbox.init(host.sandbox, str(self.workspace), out_w, err_w, theirs)
         os.close(out_w)
         os.close(err_w)
         theirs.close()
         self.init_pid = pid
         self.pidfd = os.pidfd_open(pid)
-        while True:
-            message = ours.recv(4096)
-            if message == sandbox.MSG_UNSHARED and egress is not None and not self.veth:
-                network.attach(egress, launch.job_id, pid)
-                self.veth = True
-                ours.send(sandbox.MSG_GO)
-            elif message == sandbox.MSG_RUNNING:
-                return
-            elif message.startswith(sandbox.MSG_ERROR):
-                raise OSError(message[1:].decode(errors="replace"))
-            elif not message:
-                _, status = os.waitpid(pid, 0)
-                self.init_pid = 0
-                raise OSError(f"the job's init ended during setup ({_describe_status(status)})")
-            else:
-                raise OSError(f"unexpected message from the job's init: {message[:20]!r}")
+        self.selector.register(self.out_r, selectors.EVENT_READ, Stream.STDOUT)
+        self.selector.register(self.err_r, selectors.EVENT_READ, Stream.STDERR)
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self._expect(sandbox.MSG_PREPARED)
+        # What names these processes (with the boot id) in state.json: known before the job.
+        self.monitor_start = linux.process_start_time(os.getpid())
+        self.init_start = linux.process_start_time(pid)
+
+    def _expect(self, kind: bytes) -> None:
+        assert self.channel is not None
+        message = self.channel.recv(4096)
+        if message == kind:
+            return
+        if message.startswith(sandbox.MSG_ERROR):
+            raise StartFailed(message[1:].decode(errors="replace"))
+        if not message:
+            _, status = os.waitpid(self.init_pid, 0)
+            self.init_pid = 0
+            raise StartFailed(f"the job's init ended during setup ({_describe_status(status)})")
+        raise StartFailed(f"unexpected message from the job's init: {message[:20]!r}")
+
+    def start(self, header: wire.LaunchHeader, args_data: bytes) -> None:
+        """Check the job, give it a workspace (and a veth) and hand it to the init; raises
+        StartFailed or OSError with the reason."""
+        host = self.host
+        self.job_id = header.job_id
+        job: Job | None = host.sandbox.registry.get(header.job_type)
+        if job is None:
+            raise StartFailed(f"unknown job type {header.job_type!r}")
+        egress = job.network is Network.EGRESS
+        if egress and host.egress is None:
+            raise StartFailed("egress networking is not available in this runner")
+        if egress != bool(header.address):
+            raise StartFailed("the job's address does not fit its network mode")
+        try:
+            args = job.spec.validate(wire.decode_args(args_data))
+        except Exception as exc:  # InvalidArgument, MessageError: the runner checked them
+            raise StartFailed(f"bad arguments: {exc}") from None
+        assert self.workspace is not None
+        workspace = host.workspaces_dir / header.job_id
+        os.rename(self.workspace, workspace)  # the bind mount inside follows the directory
+        self.workspace = workspace
+        resolv_conf = None
+        gateway = ""
+        if host.egress is not None and egress:
+            network.attach(host.egress, header.job_id, self.init_pid)
+            self.veth = True
+            resolv_conf = host.egress.resolv_conf
+            gateway = str(host.egress.gateway.ip)
+        setup = sandbox.JobSetup(
+            job_id=header.job_id,
+            job_type=header.job_type,
+            args=args,
+            etc=rootfs.job_etc(header.job_id, resolv_conf),
+            egress_files=rootfs.EGRESS_FILES if egress else (),
+            address=header.address,
+            gateway=gateway,
+        )
+        assert self.channel is not None
+        self.channel.send(setup.encode())
+
+    def wait_running(self) -> None:
+        """Return once the init says the job runs; raises StartFailed with the reason."""
+        self._expect(sandbox.MSG_RUNNING)
 
     def abandon(self) -> None:
-        """After a failed start: kill the init (its namespace dies with it) and clean up."""
+        """After a failed start (or an unused spare): kill the init (its namespace dies with
+        it) and clean up."""
         if self.init_pid:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -202,19 +322,18 @@ class _Job:
         """Remove what the job had on the host: its veth and its workspace."""
         if self.veth and self.host.egress is not None:
             with contextlib.suppress(OSError):
-                network.detach(self.host.egress, self.launch.job_id)
+                network.detach(self.host.egress, self.job_id)
             self.veth = False
-        if self.workspace.exists():
-            shutil.rmtree(self.workspace, ignore_errors=True)  # fd-based: no symlink is followed
+        if self.workspace is not None and self.workspace.exists():
+            shutil.rmtree(self.workspace, ignore_errors=True)  # fd-based: follows no symlink
 
-    def supervise(self, wake_r: int, pump: _Pump, state: store.StateFile) -> tuple[int, Any]:
+    def supervise(
+        self, wake_r: int, pump: _Pump, state: store.StateFile, grace_seconds: float
+    ) -> tuple[int, Any]:
         """Pump output until the job ended and its pipes closed; returns (wait status, rusage)
         of the job's main process (the rusage covers every process the job had)."""
         assert self.channel is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.out_r, selectors.EVENT_READ, Stream.STDOUT)
-        sel.register(self.err_r, selectors.EVENT_READ, Stream.STDERR)
-        sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        sel = self.selector
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         open_pipes = 2
         result: tuple[int, Any] | None = None
@@ -247,7 +366,7 @@ class _Job:
                     if signal.SIGTERM in signals and result is None and not state.stop_requested:
                         state.stop_requested = True
                         self._signal_init(signal.SIGTERM)  # the init forwards it to the job
-                        kill_at = time.monotonic() + self.launch.grace_seconds
+                        kill_at = time.monotonic() + grace_seconds
             now = time.monotonic()
             pump.flush_due(now)
             if kill_at is not None and now >= kill_at:

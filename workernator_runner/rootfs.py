@@ -1,4 +1,4 @@
-"""The job's root filesystem (design section 7): prepared once, finished per job in microseconds.
+r"""The job's root filesystem (design section 7): prepared once, finished per job in microseconds.
 
 Once, in the launcher (its own mount namespace, so the host never sees these mounts), a
 *template* root is built on a tmpfs per network mode, then made read-only:
@@ -12,10 +12,12 @@ Once, in the launcher (its own mount namespace, so the host never sees these mou
                             the fd, stdin, stdout, stderr links
     /etc /proc /tmp /workspace   empty mount points, filled per job
 
-Per job, in the job's init (PID 1 of its namespaces) after it unshared the mount namespace,
-:func:`enter` mounts a fresh ``/proc``, a size-limited tmpfs ``/tmp``, a small tmpfs ``/etc``
-with the synthetic files, the job's ``/workspace`` directory (real disk), then ``pivot_root``
-into the template's copy and detaches the old root: everything else of the host is gone.
+In each sandbox's init (PID 1 of its namespaces) after it unshared the mount namespace,
+:func:`prepare` mounts on the template's copy, before there is a job, a fresh ``/proc``, a
+size-limited tmpfs ``/tmp``, the sandbox's ``/workspace`` (a directory on real disk) and a small
+tmpfs ``/etc`` with the synthetic files; once there is a job, :func:`enter` writes its own files
+(its host name; name servers for egress jobs), makes ``/etc`` read-only, ``pivot_root``\s into
+the copy and detaches the old root: everything else of the host is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from workernator_runner import linux
 
@@ -42,17 +43,6 @@ ETC_SIZE = "256k"
 
 _RO_BIND = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
 _SAFE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-
-
-@dataclass(frozen=True)
-class JobRoot:
-    """What :func:`enter` needs to finish one job's root."""
-
-    template: str  # the prepared root (a mount point in the launcher's mount namespace)
-    workspace: str  # the job's /workspace on the host (a directory owned by the job user)
-    tmp_size_mb: int
-    etc: Mapping[str, str]  # file name in /etc -> contents
-    egress_files: tuple[str, ...] = ()  # host files and directories bound at the same path
 
 
 def python_paths() -> list[str]:
@@ -142,48 +132,63 @@ def _bind_ro(host: str, root: str) -> None:
 # --- per job, in the job's init ---------------------------------------------------------------
 
 
-def enter(job: JobRoot) -> None:
-    """Finish the job's root on the template's copy in this (new) mount namespace, pivot into
-    it and detach the host's tree. Call in a fresh mount namespace, as root."""
+def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, str]) -> None:
+    """Before there is a job: private propagation, then on the template's copy a fresh
+    ``/proc`` (of this PID namespace), an empty ``/tmp``, the sandbox's ``/workspace`` (a
+    directory on the host, owned by the job user) and ``/etc`` with the files that are the same
+    for every job. Call as PID 1 of a new PID namespace, in a new mount namespace, as root."""
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing goes back out
-    root = job.template
-    linux.mount("proc", f"{root}/proc", "proc", _SAFE)
-    tmp = f"{root}/tmp"  # noqa: S108 - the job's own tmpfs
-    linux.mount("tmpfs", tmp, "tmpfs", _SAFE, f"mode=1777,size={job.tmp_size_mb}m")
-    linux.mount(job.workspace, f"{root}/workspace", None, linux.MS_BIND)
-    linux.mount(None, f"{root}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
-    etc = f"{root}/etc"
-    linux.mount("tmpfs", etc, "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
-    for name, text in job.etc.items():
-        fd = os.open(f"{etc}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-    for path in job.egress_files:
+    linux.mount("proc", f"{template}/proc", "proc", _SAFE)
+    tmp = f"{template}/tmp"  # noqa: S108 - the job's own tmpfs
+    linux.mount("tmpfs", tmp, "tmpfs", _SAFE, f"mode=1777,size={tmp_size_mb}m")
+    linux.mount(workspace, f"{template}/workspace", None, linux.MS_BIND)
+    linux.mount(None, f"{template}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
+    linux.mount("tmpfs", f"{template}/etc", "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
+    _write_files(f"{template}/etc", etc)
+
+
+def enter(template: str, etc: Mapping[str, str], egress_files: tuple[str, ...] = ()) -> None:
+    """Per job, after :func:`prepare`: the rest of ``/etc``, made read-only, then
+    ``pivot_root`` into the root and detach the host's tree."""
+    _write_files(f"{template}/etc", etc)
+    for path in egress_files:
         if os.path.exists(path):
-            _bind_ro(path, root)
-    linux.mount(None, etc, None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
-    os.chdir(root)
+            _bind_ro(path, template)
+    linux.mount(None, f"{template}/etc", None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
+    os.chdir(template)
     linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
     linux.umount(".", linux.MNT_DETACH)  # ...and goes away, with every host mount under it
     os.chdir("/")
 
 
-def etc_files(
-    hostname: str, uid: int, gid: int, user: str, resolv_conf: str | None
-) -> dict[str, str]:
-    """The synthetic /etc of a job: who is who, and how names resolve."""
-    files = {
+def _write_files(directory: str, files: Mapping[str, str]) -> None:
+    for name, text in files.items():
+        fd = os.open(f"{directory}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def common_etc(uid: int, gid: int, user: str) -> dict[str, str]:
+    """The files of a job's /etc that are the same for every job: who is who."""
+    return {
         "passwd": (
             "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
             f"{user}:x:{uid}:{gid}:Workernator job:/workspace:/usr/sbin/nologin\n"
             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
         ),
         "group": f"root:x:0:\n{user}:x:{gid}:\nnogroup:x:65534:\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+
+
+def job_etc(hostname: str, resolv_conf: str | None) -> dict[str, str]:
+    """The files of a job's /etc that are its own: its name, and for egress jobs how names
+    resolve."""
+    files = {
         "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n",
         "hostname": f"{hostname}\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
     }
     if resolv_conf is not None:
         files["resolv.conf"] = resolv_conf

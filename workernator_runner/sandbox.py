@@ -1,20 +1,33 @@
 """The job's side of the launch path: its init (PID 1 of its namespaces) and the job process.
 
-The monitor has unshared the PID namespace for its children and forked :func:`init`, which is
-PID 1 there. The order of what follows is fixed here, in one function (design section 7):
+A sandbox is prepared before there is a job for it (a *spare*, see
+:mod:`workernator_runner.monitor`), so that starting a job costs no fork and no namespace: the
+monitor has unshared the PID namespace for its children and forked :func:`init`, which is PID
+1 there. The order of what follows is fixed here, in two phases (design section 7):
 
-    join the cgroup -> unshare the other namespaces -> (egress: the monitor adds eth0)
-    -> hostname and network -> mounts and pivot_root -> drop groups, gid, capabilities, uid
-    -> parent-death signal -> no_new_privs -> seccomp -> fork the job -> be its init
+Prepare, with no job yet (nothing of anyone is in these processes):
 
-The init then reaps orphans, forwards SIGTERM, SIGINT and SIGHUP to the job's process group and,
-when the job's main process ends, tells the monitor its wait status and exits. Its exit takes
-down everything left in the namespace: the kernel kills every other process there, and the
-monitor's wait for the init returns only once all of them are gone.
+    unshare the mount, network, UTS and IPC namespaces -> loopback up -> private mounts,
+    a fresh /proc and /tmp on the template root -> fork the job process, which waits
 
-Messages to the monitor, on a SOCK_SEQPACKET socketpair (one byte of kind, then data):
-``U`` namespaces made (egress: the monitor answers ``G`` once eth0 is in place), ``R`` the job
-runs, ``E<text>`` setup failed, ``S<wait status>`` the job's main process ended.
+Per job, once the monitor sent the job (:class:`JobSetup`):
+
+    join the job's cgroup (both processes) -> a cgroup namespace -> hostname, eth0 (egress)
+    -> /etc, /workspace, pivot_root into the root and detach the host's tree
+    -> the job process: drop groups, gid, capabilities, uid -> parent-death signal
+       -> no_new_privs -> seccomp -> run the job's code
+    -> the init likewise drops everything, then reaps orphans, forwards SIGTERM, SIGINT and
+       SIGHUP to the job's process group and, when the job's main process ends, tells the
+       monitor its wait status and exits.
+
+The init's exit takes down everything left in the namespace: the kernel kills every other
+process there, and the monitor's wait for the init returns only once all of them are gone.
+
+Messages on the monitor <-> init socketpair (SOCK_SEQPACKET; one byte of kind, then data):
+``P`` prepared, ``J`` + the job (init <- monitor), ``R`` the job runs, ``E`` + text setup
+failed, ``S`` + wait status: the job's main process ended. Between the init and the job process,
+a socketpair carries ``P`` (or ``E`` + text) once the job process is prepared, then the job's
+type and arguments the other way; the job process closes it before the job's code runs.
 """
 
 from __future__ import annotations
@@ -31,8 +44,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import msgpack
+
 from workernator_runner import linux, network, rootfs, seccomp
-from workernator_runner.jobs import Job, run_job
+from workernator_runner.jobs import Registry, run_job
 
 NAMESPACES = (
     linux.CLONE_NEWNS
@@ -49,83 +64,161 @@ JOB_ENV = {
     "TMPDIR": "/tmp",  # noqa: S108 - the job's own tmpfs
 }
 STATUS = struct.Struct("=i")
+MAX_MESSAGE = 256 * 1024
 
-MSG_UNSHARED = b"U"
-MSG_GO = b"G"
+MSG_PREPARED = b"P"
+MSG_JOB = b"J"
 MSG_RUNNING = b"R"
 MSG_ERROR = b"E"
 MSG_STATUS = b"S"
 
 
+class SetupError(Exception):
+    """The sandbox could not be made; the message says why."""
+
+
 @dataclass(frozen=True)
 class Sandbox:
-    """Everything the init needs, fixed before it is forked."""
+    """What every sandbox of this launcher has in common, fixed at startup."""
 
-    job_id: str
     uid: int
     gid: int
-    root: rootfs.JobRoot
+    user: str
+    template: str  # the prepared root, in the launcher's mount namespace
+    tmp_size_mb: int
     seccomp_filter: bytes
-    address: ipaddress.IPv4Interface | None = None  # egress only
-    gateway: ipaddress.IPv4Address | None = None
+    registry: Registry
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """One job for a prepared sandbox, sent by its monitor."""
+
+    job_id: str
+    job_type: str
+    args: Mapping[str, Any]
+    etc: Mapping[str, str]  # the job's own files in /etc
+    egress_files: tuple[str, ...] = ()
+    address: str = ""  # "10.92.0.2/16" for egress jobs
+    gateway: str = ""
+
+    def encode(self) -> bytes:
+        body = {
+            "id": self.job_id,
+            "type": self.job_type,
+            "args": dict(self.args),
+            "etc": dict(self.etc),
+            "egress_files": list(self.egress_files),
+            "address": self.address,
+            "gateway": self.gateway,
+        }
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return MSG_JOB + packed
+
+    @classmethod
+    def decode(cls, message: bytes) -> JobSetup:
+        """From the monitor, which checked everything in it: a malformed one is a bug."""
+        data = msgpack.unpackb(message[1:], raw=False)
+        return cls(
+            job_id=data["id"],
+            job_type=data["type"],
+            args=data["args"],
+            etc=data["etc"],
+            egress_files=tuple(data["egress_files"]),
+            address=data["address"],
+            gateway=data["gateway"],
+        )
 
 
 def init(
-    sandbox: Sandbox,
-    job: Job,
-    args: Mapping[str, Any],
-    out_w: int,
-    err_w: int,
-    channel: socket.socket,
+    sandbox: Sandbox, workspace: str, out_w: int, err_w: int, channel: socket.socket
 ) -> NoReturn:
-    """PID 1 of the job's namespaces. Never returns."""
+    """PID 1 of a sandbox's namespaces; ``workspace`` is its /workspace on the host. Never
+    returns."""
     try:
         # Die with the monitor (nobody else could stop this job or keep its output).
         linux.set_parent_death_signal(signal.SIGKILL)
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         linux.close_fds_except({0, 1, 2, out_w, err_w, channel.fileno()})
-        _join_cgroup(sandbox)
+        _join_cgroup()
         linux.unshare(NAMESPACES)
-        if sandbox.address is not None:
-            channel.send(MSG_UNSHARED)
-            if channel.recv(16) != MSG_GO:  # empty: the monitor is gone
-                os._exit(1)
-        socket.sethostname(sandbox.job_id)
-        network.configure_inside(sandbox.address, sandbox.gateway)
-        rootfs.enter(sandbox.root)
+        network.configure_inside(None, None)  # loopback up
+        rootfs.prepare(
+            sandbox.template,
+            sandbox.tmp_size_mb,
+            workspace,
+            rootfs.common_etc(sandbox.uid, sandbox.gid, sandbox.user),
+        )
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
+        for sig in FORWARDED:  # a handler, so a signal from inside is not discarded
+            signal.signal(sig, _ignore)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        job_pid = os.fork()
+        if job_pid == 0:
+            ours.close()
+            _job_process(sandbox, out_w, err_w, theirs)
+        theirs.close()
+        os.close(out_w)
+        os.close(err_w)
+        _expect(ours, MSG_PREPARED, "the job process")
+        JobSetup.decode(JobSetup("AAAAAA", "noop", {}, {}).encode())  # first touches, early
+        channel.send(MSG_PREPARED)
+        message = channel.recv(MAX_MESSAGE)
+        if not message.startswith(MSG_JOB):  # empty: the monitor is gone
+            os._exit(1)
+        setup = JobSetup.decode(message)
+        for pid in (0, job_pid):  # prepared at the lowest priority (see monitor.spare)
+            os.setpriority(os.PRIO_PROCESS, pid, 0)
+        _enter(sandbox, setup)
+        # The job process has nothing left to do but run: it goes, and the job is running.
+        ours.send(msgpack.packb([setup.job_type, dict(setup.args)], use_bin_type=True))
+        ours.close()
+        channel.send(MSG_RUNNING)
+        # Now the init itself: it needed root for the mounts until just now.
         _drop_privileges(sandbox.uid, sandbox.gid)
         linux.set_parent_death_signal(signal.SIGKILL)  # the uid change cleared it
         if not _peer_alive(channel):  # the monitor died before the line above
             os._exit(1)
         linux.set_no_new_privs()
         seccomp.load(sandbox.seccomp_filter)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
-        for sig in FORWARDED:  # a handler, so a signal from inside is not discarded
-            signal.signal(sig, _ignore)
-        pid = os.fork()
-        if pid == 0:
-            _job_process(job, args, out_w, err_w)
-        os.close(out_w)
-        os.close(err_w)
-        channel.send(MSG_RUNNING)
     except BaseException as exc:
         try:
             channel.send(MSG_ERROR + f"job setup failed: {_describe(exc)}".encode()[:4000])
         finally:
             os._exit(127)
-    _be_init(pid, channel)
+    _be_init(job_pid, channel)
+
+
+def _expect(sock: socket.socket, kind: bytes, who: str) -> None:
+    answer = sock.recv(4096)
+    if answer != kind:
+        raise SetupError(answer[1:].decode(errors="replace") or f"{who} died")
+
+
+def _enter(sandbox: Sandbox, setup: JobSetup) -> None:
+    """The per-job part of the init's setup, before the job process may go on."""
+    socket.sethostname(setup.job_id)
+    if setup.address:
+        network.configure_inside(
+            ipaddress.IPv4Interface(setup.address), ipaddress.IPv4Address(setup.gateway)
+        )
+    rootfs.enter(sandbox.template, setup.etc, setup.egress_files)
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, OSError) and exc.strerror else repr(exc)
+    return str(exc) if isinstance(exc, OSError | SetupError) and str(exc) else repr(exc)
 
 
 def _ignore(signum: int, frame: object) -> None:
     """Installed for forwarded signals; they are taken with sigwaitinfo, never delivered."""
 
 
-def _join_cgroup(sandbox: Sandbox) -> None:
-    """Cgroup placement: the first step, so the job's every process is inside its cgroup
-    before any job code runs (the resource-control issue fills this in)."""
+def _join_cgroup() -> None:
+    """Cgroup placement: the first step, so that every process of the sandbox is in its cgroup
+    (and the cgroup namespace made next is rooted there) before any job code can run. The
+    resource-control issue fills this in."""
 
 
 def _peer_alive(channel: socket.socket) -> bool:
@@ -168,28 +261,65 @@ def _be_init(job_pid: int, channel: socket.socket) -> NoReturn:
                     os._exit(0)
 
 
-def _job_process(job: Job, args: Mapping[str, Any], out_w: int, err_w: int) -> NoReturn:
-    """The job: its own process group, stdio, a clean environment, then its code."""
+def _job_process(sandbox: Sandbox, out_w: int, err_w: int, init: socket.socket) -> NoReturn:
+    """The job process: prepared down to its last privilege while there is no job (it sits
+    in the host's mount tree until the init pivots, running nothing of anyone), it waits for
+    its job and runs it. Never returns."""
     code = 127
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        for sig in FORWARDED:
-            signal.signal(sig, signal.SIG_DFL)
         os.setsid()
+        os.chdir("/")  # the init's pivot_root moves this to the job's root
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        linux.close_fds_except({0, 1, 2})
-        os.environ.clear()
-        os.environ.update(JOB_ENV)
+        linux.close_fds_except({0, 1, 2, init.fileno()})
+        _drop_privileges(sandbox.uid, sandbox.gid)
+        linux.set_parent_death_signal(signal.SIGKILL)
+        linux.set_no_new_privs()
+        seccomp.load(sandbox.seccomp_filter)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        _job_stdio()
+        _rehearse_job(sandbox)
+        init.send(MSG_PREPARED)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            init.send(MSG_ERROR + f"job process setup failed: {_describe(exc)}".encode()[:4000])
+        os._exit(code)
+    try:
+        message = init.recv(MAX_MESSAGE)
+        init.close()
+        if not message:  # the sandbox was never used
+            os._exit(0)
+        job_type, args = msgpack.unpackb(message, raw=False)
         os.chdir("/workspace")
-        sys.stdout = open(  # noqa: SIM115 - lives until the process exits
-            1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
-        )
-        sys.stderr = open(  # noqa: SIM115
-            2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
-        )
-        code = run_job(job, args)
+        code = run_job(sandbox.registry[job_type], args)
+    except BaseException as exc:  # nothing of the job ran: say so where its user looks
+        with contextlib.suppress(OSError):
+            os.write(2, f"[ERROR] The job could not start: {_describe(exc)}\n".encode())
     finally:
         os._exit(code)
+
+
+def _rehearse_job(sandbox: Sandbox) -> None:
+    """The job path's first touches, off the start (see monitor._rehearse): unpacking a job,
+    and printing a line (to /dev/null)."""
+    msgpack.unpackb(msgpack.packb(["noop", {}]), raw=False)
+    with open(os.devnull, "w", buffering=1, encoding="utf-8") as devnull:
+        run_job(sandbox.registry["noop"], {})
+        print("[JOB] rehearsal", file=devnull, flush=True)
+
+
+def _job_stdio() -> None:
+    """The job's environment, and its sys.stdout and sys.stderr on the output pipes."""
+    os.environ.clear()
+    os.environ.update(JOB_ENV)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = open(  # noqa: SIM115 - lives until the process exits
+            fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
+        )
+        stream.write("")  # writes nothing: the first touches of the path, off the start
+        stream.flush()
+        setattr(sys, name, stream)

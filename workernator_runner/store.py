@@ -80,6 +80,15 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True)
     os.rename(tmp, path)
 
 
+def sync_file(path: Path) -> None:
+    """Make sure ``path``'s contents are on disk (they were written without syncing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_request(job_dir: Path, request: JobRequest, *, durable: bool = True) -> None:
     write_json_atomic(
         job_dir / JOB_FILE,
@@ -109,10 +118,14 @@ def read_request(job_dir: Path) -> JobRequest:
     )
 
 
-def write_state(job_dir: Path, state: StateFile, *, durable: bool = True) -> None:
+def state_json(state: StateFile) -> dict[str, Any]:
     data = dict(state.__dict__)
     data["state"] = state.state.value
-    write_json_atomic(job_dir / STATE_FILE, data, durable=durable)
+    return data
+
+
+def write_state(job_dir: Path, state: StateFile, *, durable: bool = True) -> None:
+    write_json_atomic(job_dir / STATE_FILE, state_json(state), durable=durable)
 
 
 def read_state(job_dir: Path) -> StateFile | None:

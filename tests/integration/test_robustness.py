@@ -12,7 +12,14 @@ import time
 import pytest
 
 from shared.model import JobState
-from tests.helpers import collect, joined, namespace_members, pid_namespace, process_gone
+from tests.helpers import (
+    collect,
+    job_workspaces,
+    joined,
+    namespace_members,
+    pid_namespace,
+    process_gone,
+)
 from workernator_runner import launch, linux, store
 from workernator_runner.manager import JobManager
 
@@ -53,7 +60,7 @@ async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> N
     assert state is not None
     namespace = pid_namespace(state.job_pid)
     assert len(namespace_members(namespace)) == 6  # init, job, 2 children, 2 grandchildren
-    assert list(cfg.workspaces_dir.iterdir()) != []
+    assert job_workspaces(manager) != []
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -61,7 +68,7 @@ async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> N
     await _wait_for(lambda: namespace_members(namespace) == [])
     await _wait_for(lambda: process_gone(state.monitor_pid))
     await _wait_for(lambda: list(cfg.jobs_dir.iterdir()) == [])
-    await _wait_for(lambda: list(cfg.workspaces_dir.iterdir()) == [])
+    await _wait_for(lambda: job_workspaces(manager) == [])
 
 
 async def test_a_dying_monitor_is_noticed_without_a_stop(manager: JobManager) -> None:
@@ -78,7 +85,7 @@ async def test_a_dying_monitor_is_noticed_without_a_stop(manager: JobManager) ->
     assert status.state is JobState.FAILED
     assert "monitor ended unexpectedly" in status.error
     await _wait_for(lambda: namespace_members(namespace) == [])
-    assert list(manager.config.workspaces_dir.iterdir()) == []
+    assert job_workspaces(manager) == []
 
 
 async def test_killing_a_monitor_kills_every_process_of_its_job(manager: JobManager) -> None:
