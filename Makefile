@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
-.PHONY: all venv lint test test-unit proto proto-check buf-lint demo clean
+.PHONY: all venv system-deps lint test test-unit proto proto-check buf-lint demo clean
 
 all: test
 
@@ -28,6 +28,18 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 venv: $(STAMP)
+
+# What the runner's sandbox needs from the system, checked at every run (quietly): nft for the
+# jobs' egress firewall, ip for the tests' and the demo's networks, libseccomp (pyseccomp loads
+# it) for the jobs' system call filter.
+system-deps:
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; $(APT) update && $(APT) install $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,14 +61,14 @@ buf-lint:
 	@command -v npm >/dev/null || { $(APT) update && $(APT) install npm; }
 	bash scripts/buf_lint.sh
 
-test: lint
+test: system-deps lint
 	$(BIN)/pytest -q -ra
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -ra tests/unit
 
 # Build, start the runner (root) and the api (unprivileged), run each job type from the CLI.
-demo: $(STAMP)
+demo: system-deps $(STAMP)
 	bash scripts/demo.sh
 
 clean:

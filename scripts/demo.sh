@@ -3,14 +3,21 @@
 #
 # 1. Creates .demo/ in the checkout: certificates (`workernator certs init`), configs, logs, and
 #    the runner's state.
-# 2. Creates the unprivileged system user workernator-demo if it does not exist (it stays).
-# 3. Starts workernator-runner as root and workernator-api as workernator-demo on 127.0.0.1,
-#    plus a tiny HTTP server (also as workernator-demo) for the wait job to POST to.
-# 4. Runs the CLI as alice (role user) through every job type, status, tail, stop, list, types,
+# 2. Creates the unprivileged system users workernator-demo (for the api) and workernator-job
+#    (the runner's job_user) if they do not exist (they stay).
+# 3. Starts workernator-runner as root, with an egress bridge of its own (wndemo, on a free /24
+#    of 10.93.0.0/16), and workernator-api as workernator-demo on 127.0.0.1.
+# 4. Makes a test host for the wait job to POST to: a network namespace (wndemo-host) whose veth
+#    is attached to the bridge, with the subnet's last address, running a tiny HTTP server as
+#    workernator-demo on port 8080. Jobs cannot reach the host itself (127.0.0.1 included), but
+#    they reach a host on their bridge.
+# 5. Runs the CLI as alice (role user) through every job type, status, tail, stop, list, types,
 #    then two errors (a bad argument; carol, a viewer, starting a job); each command is printed
 #    first, like `# workernator jobs start fib 3`.
-# 5. On exit, even after an error: stops the jobs still running, kills only the processes it
-#    started, and removes .demo/ (keep it with WORKERNATOR_DEMO_KEEP=1).
+# 6. On exit, even after an error or Ctrl-C: stops the jobs still running, kills only the
+#    processes it started, deletes the test host, and once the runner has stopped, the bridge
+#    and its nftables table (inet workernator_wndemo); restores net.ipv4.ip_forward if the
+#    runner changed it; removes .demo/ (keep it with WORKERNATOR_DEMO_KEEP=1).
 #
 # The api runs unprivileged, so workernator-demo must be able to read the code and the venv. When
 # only the venv's interpreter is out of its reach (a pyenv under /root), the api runs on the
@@ -24,12 +31,21 @@ VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 DEMO=$ROOT/.demo
 DEMO_USER=workernator-demo
+JOB_USER=workernator-job
+BRIDGE=wndemo           # the runner's egress_bridge; its nftables table is inet workernator_wndemo
+TABLE=workernator_$BRIDGE
+NETNS=wndemo-host       # the test host's network namespace
+HOST_LINK=wndemoh       # its veth's end on the bridge (not wndemo-*: the runner owns those names)
+HTTP_PORT=8080          # the test host's HTTP server
+IP_FORWARD=/proc/sys/net/ipv4/ip_forward
 
 die() { echo "demo: $*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run me as root (the runner needs root): sudo make demo"
 [[ -x $PY ]] || die "no virtualenv at $VENV; run 'make venv' first"
 command -v setpriv >/dev/null || die "setpriv (util-linux) is needed to start the api unprivileged"
+command -v ip >/dev/null || die "ip (iproute2) is needed; 'make demo' installs it"
+command -v nft >/dev/null || die "nft (nftables) is needed; 'make demo' installs it"
 
 # --- the unprivileged user -------------------------------------------------------------------
 if ! id -u "$DEMO_USER" >/dev/null 2>&1; then
@@ -38,13 +54,21 @@ if ! id -u "$DEMO_USER" >/dev/null 2>&1; then
         --shell /usr/sbin/nologin "$DEMO_USER"
 fi
 DEMO_GROUP=$(id -gn "$DEMO_USER")
+if ! id -u "$JOB_USER" >/dev/null 2>&1; then
+    echo "demo: creating system user $JOB_USER"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$JOB_USER"
+fi
 
 # Run a command as the demo user, from /, in a clean environment (plus the NAME=VALUE words of
-# API_ENV), replacing the current (sub)shell: the command's PID is the subshell's.
+# API_ENV), replacing the current (sub)shell: the command's PID is the subshell's. AS_PREFIX is
+# run first, as root (`ip netns exec NAME`, which also execs).
 API_ENV=()
+AS_PREFIX=()
 exec_as_demo_user() {
     cd /
-    exec setpriv --reuid="$DEMO_USER" --regid="$DEMO_GROUP" --init-groups --inh-caps=-all -- \
+    exec "${AS_PREFIX[@]}" \
+        setpriv --reuid="$DEMO_USER" --regid="$DEMO_GROUP" --init-groups --inh-caps=-all -- \
         env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/ LANG="${LANG:-C.UTF-8}" \
         "${API_ENV[@]}" "$@"
 }
@@ -86,6 +110,9 @@ RUNNER_PID=
 API_PID=
 API_READY=
 CLI=()
+RUNNER_STARTED=
+NETNS_MADE=
+IP_FORWARD_BEFORE=
 
 # Run the CLI as one of the users of the demo (by their certificate).
 as_user() {
@@ -96,10 +123,22 @@ as_user() {
 }
 admin() { as_user admin "$@"; }
 
+link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
+netns_exists() { grep -q "^$1\( \|\$\)" <<<"$(ip netns list)"; }
+
+# The test host, the bridge and the nftables table (left by a run that was killed, or this one's).
+remove_network() {
+    if netns_exists "$NETNS"; then ip netns del "$NETNS"; fi
+    if link_exists "$HOST_LINK"; then ip link del "$HOST_LINK"; fi
+    if link_exists "$BRIDGE"; then ip link del "$BRIDGE"; fi
+    if nft list table inet "$TABLE" >/dev/null 2>&1; then nft delete table inet "$TABLE"; fi
+}
+
 cleanup() {
     local status=$?
     set +e
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM  # the cleanup is bounded; a second Ctrl-C would leave things behind
     if [[ -n $API_READY ]] && kill -0 "$API_PID" 2>/dev/null; then
         # Stop whatever still runs (after an error midway), as admin.
         local ids
@@ -117,6 +156,13 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
+    # The runner has stopped (or never started): its network goes, and the test host with it.
+    if [[ -n $RUNNER_STARTED || -n $NETNS_MADE ]]; then
+        remove_network
+    fi
+    if [[ -n $IP_FORWARD_BEFORE && $(<"$IP_FORWARD") != "$IP_FORWARD_BEFORE" ]]; then
+        echo "$IP_FORWARD_BEFORE" >"$IP_FORWARD"
+    fi
     if [[ $status -ne 0 ]]; then
         for log in "$DEMO/runner.log" "$DEMO/api.log"; do
             [[ -s $log ]] && { echo "--- last lines of $log:"; tail -n 20 "$log"; } >&2
@@ -140,6 +186,40 @@ if [[ -e $DEMO ]]; then
 fi
 mkdir -m 0755 "$DEMO"
 mkdir -m 0700 "$DEMO/state"
+
+if netns_exists "$NETNS" || link_exists "$HOST_LINK" || link_exists "$BRIDGE" ||
+    nft list table inet "$TABLE" >/dev/null 2>&1; then
+    echo "demo: removing the network ($BRIDGE, $NETNS) left by an earlier run"
+    remove_network
+fi
+
+# The jobs' subnet: the first /24 of 10.93.0.0/16 that overlaps no route of this host and holds
+# none of its name servers. The bridge takes the first address, the test host the last.
+SUBNET=$("$PY" - "$(ip -j -4 route show table all)" <<'EOF'
+import ipaddress, json, re, sys
+used = []
+for route in json.loads(sys.argv[1] or "[]"):
+    dst = route.get("dst", "")
+    if dst and dst != "default":
+        try:
+            used.append(ipaddress.IPv4Network(dst, strict=False))
+        except ValueError:
+            pass
+try:
+    with open("/etc/resolv.conf") as f:
+        for m in re.finditer(r"^\s*nameserver\s+([0-9.]+)\s*$", f.read(), re.M):
+            used.append(ipaddress.IPv4Network(m.group(1)))
+except (OSError, ValueError):
+    pass
+for third in range(256):
+    subnet = ipaddress.IPv4Network(f"10.93.{third}.0/24")
+    if not any(subnet.overlaps(net) for net in used):
+        print(subnet)
+        break
+EOF
+)
+[[ -n $SUBNET ]] || die "no free /24 in 10.93.0.0/16 for the jobs' network"
+TEST_HOST=${SUBNET%.0/24}.254
 
 # A Unix socket path must fit in 108 bytes; a deep checkout gets its run directory in /tmp.
 RUN_DIR=$DEMO/run
@@ -175,6 +255,10 @@ socket_group = "$DEMO_GROUP"
 allowed_users = ["$DEMO_USER"]
 state_dir = "$DEMO/state"
 stop_grace_seconds = 2.0
+job_user = "$JOB_USER"
+egress_bridge = "$BRIDGE"
+egress_subnet = "$SUBNET"
+resolv_conf = "/etc/resolv.conf"
 EOF
 cat >"$DEMO/api.toml" <<EOF
 [api]
@@ -188,8 +272,13 @@ EOF
 chmod 0644 "$DEMO/runner.toml" "$DEMO/api.toml"
 
 # --- processes -------------------------------------------------------------------------------
-echo "demo: starting workernator-runner (root), socket $SOCKET"
-(cd / && exec "$PY" -m workernator_runner.daemon --config "$DEMO/runner.toml") \
+# The runner, the api and the HTTP server run in sessions of their own (setsid, which does not
+# fork here: a background subshell of a script leads no process group), so that Ctrl-C reaches
+# only this script and the command in the foreground; the cleanup then stops the jobs, then them.
+echo "demo: starting workernator-runner (root), socket $SOCKET, jobs' network $SUBNET on $BRIDGE"
+IP_FORWARD_BEFORE=$(<"$IP_FORWARD")  # the runner turns forwarding on for the jobs' network
+RUNNER_STARTED=1
+(cd / && exec setsid "$PY" -m workernator_runner.daemon --config "$DEMO/runner.toml") \
     >"$DEMO/runner.log" 2>&1 &
 RUNNER_PID=$!
 PIDS+=("$RUNNER_PID")
@@ -202,7 +291,8 @@ done
 
 echo "demo: starting workernator-api as $DEMO_USER on 127.0.0.1:$PORT"
 touch "$DEMO/api.log" && chown "$DEMO_USER" "$DEMO/api.log"
-(exec_as_demo_user "$API_PY" -m workernator_api.server --config "$DEMO/api.toml") \
+(AS_PREFIX=(setsid) &&
+    exec_as_demo_user "$API_PY" -m workernator_api.server --config "$DEMO/api.toml") \
     >>"$DEMO/api.log" 2>&1 &
 API_PID=$!
 PIDS+=("$API_PID")
@@ -218,21 +308,38 @@ export WORKERNATOR_CA=$DEMO/certs/ca.pem
 export WORKERNATOR_CONFIG=/dev/null  # nothing from ~/.config
 API_READY=1
 
-# A tiny HTTP server for the wait job: answers every POST with 200, prints its port first.
-echo "demo: starting a tiny HTTP server on 127.0.0.1 for the wait job"
-(API_ENV=() && exec_as_demo_user python3 -c '
+# The test host for the wait job, on the jobs' bridge once the runner has set it up (the
+# nftables table comes last).
+network_ready() { link_exists "$BRIDGE" && nft list table inet "$TABLE" >/dev/null 2>&1; }
+for _ in $(seq 200); do
+    network_ready && break
+    kill -0 "$RUNNER_PID" 2>/dev/null || die "the runner exited (see above)"
+    sleep 0.05
+done
+network_ready || die "the runner did not set up the jobs' network ($BRIDGE, table inet $TABLE)"
+echo "demo: making a test host $TEST_HOST on $BRIDGE (network namespace $NETNS)"
+NETNS_MADE=1
+ip netns add "$NETNS"
+ip -n "$NETNS" link set lo up
+ip link add "$HOST_LINK" type veth peer name eth0 netns "$NETNS"
+ip link set "$HOST_LINK" master "$BRIDGE" up
+ip -n "$NETNS" addr add "$TEST_HOST/${SUBNET#*/}" dev eth0
+ip -n "$NETNS" link set eth0 up
+
+# A tiny HTTP server on the test host: answers every POST with 200, prints its port first.
+echo "demo: starting a tiny HTTP server on $TEST_HOST:$HTTP_PORT (as $DEMO_USER) for the wait job"
+(API_ENV=() && AS_PREFIX=(setsid ip netns exec "$NETNS") && exec_as_demo_user python3 -c '
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
     def log_message(self, *args): pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
+s = http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H)
 print(s.server_address[1], flush=True)
-s.serve_forever()') >"$DEMO/http.port" 2>/dev/null &
+s.serve_forever()' "$HTTP_PORT") >"$DEMO/http.port" 2>/dev/null &
 PIDS+=("$!")
 for _ in $(seq 100); do [[ -s $DEMO/http.port ]] && break; sleep 0.05; done
-HTTP_PORT=$(head -n 1 "$DEMO/http.port")
-[[ -n $HTTP_PORT ]] || die "the HTTP server did not start"
+[[ $(head -n 1 "$DEMO/http.port") == "$HTTP_PORT" ]] || die "the HTTP server did not start"
 
 # --- the tour --------------------------------------------------------------------------------
 # Print the command as typed, then run it as alice (or as $AS).
@@ -264,10 +371,10 @@ show jobs status "$JOB"
 show_start jobs start eval '2x * 3y' --var x=2 --var y=1.5
 show jobs tail "$JOB"
 
-show_start jobs start wait 2 "http://127.0.0.1:$HTTP_PORT/hook"
+show_start jobs start wait 2 "http://$TEST_HOST:$HTTP_PORT/hook"
 show jobs tail "$JOB"
 
-show_start jobs start wait 30 "http://127.0.0.1:$HTTP_PORT/never"
+show_start jobs start wait 30 "http://$TEST_HOST:$HTTP_PORT/never"
 WAIT_JOB=$JOB
 show jobs stop "$WAIT_JOB"
 show jobs status "$WAIT_JOB"

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from shared import log
 
@@ -22,6 +22,10 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class ServiceFailed(Exception):
+    """The service can no longer serve (the message says why): it stopped, exit status 1."""
 
 
 C = TypeVar("C", bound=Configured)
@@ -47,7 +51,7 @@ def main(
         help=f"TOML config file (default: {default_path} if it exists)",
     )
     args = parser.parse_args(argv)
-    reported: tuple[type[Exception], ...] = (*errors, OSError)
+    reported: tuple[type[Exception], ...] = (*errors, OSError, ServiceFailed)
     try:
         if args.config is not None:
             cfg = load(args.config)
@@ -64,13 +68,22 @@ def main(
 
 
 async def _serve(make: Callable[[C], Service], cfg: C) -> None:
+    """Serve until signalled; a service with a ``failed`` future (a reason, once it can no
+    longer serve) also stops when that resolves, and the process exits 1."""
     service = make(cfg)  # inside the event loop: a service may bind loop objects as it is built
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed: asyncio.Future[str] | None = getattr(service, "failed", None)
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+    if failed is not None:
+        waiters.append(failed)
     try:
-        await stop.wait()
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        waiters[0].cancel()
         await service.stop()
+    if failed is not None and failed.done():
+        raise ServiceFailed(failed.result())

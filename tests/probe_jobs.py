@@ -327,6 +327,24 @@ def _connect(args: Mapping[str, Any]) -> None:
     print(json.dumps(results), flush=True)
 
 
+def _listen(args: Mapping[str, Any]) -> None:
+    """Listen on a TCP port of every address, print it, then print each peer that connects,
+    for ``seconds``."""
+    with socket.socket() as server:
+        server.bind(("0.0.0.0", 0))
+        server.listen(8)
+        server.settimeout(0.2)
+        print(json.dumps({"port": server.getsockname()[1]}), flush=True)
+        deadline = time.monotonic() + args["seconds"]
+        while time.monotonic() < deadline:
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            print(json.dumps({"peer": peer[0]}), flush=True)
+
+
 _TEXT = ArgKind.STRING
 JOBS += (
     Job(
@@ -382,6 +400,17 @@ JOBS += (
         ),
         _connect,
         framed=False,
+    ),
+    Job(
+        JobSpec(
+            "egress-listen",
+            "Listen",
+            "accepts connections",
+            (ArgSpec("seconds", ArgKind.FLOAT, ""),),
+        ),
+        _listen,
+        framed=False,
+        network=Network.EGRESS,
     ),
     Job(
         JobSpec(

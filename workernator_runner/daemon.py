@@ -170,10 +170,19 @@ class Server:
 
     def __init__(self, cfg: config_mod.RunnerConfig, manager: JobManager | None = None) -> None:
         self.config = cfg
-        self.manager = manager if manager is not None else JobManager(cfg)
+        # Resolved with the reason when jobs can no longer start: the runner then exits 1, so
+        # that the service manager restarts it (running jobs go on and are re-adopted).
+        self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.manager = (
+            manager if manager is not None else JobManager(cfg, on_launcher_exit=self._fail)
+        )
         self.allowed_uids = cfg.peer_uids()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    def _fail(self, reason: str) -> None:
+        if not self.failed.done():
+            self.failed.set_result(f"the launcher exited ({reason}); no job could start")
 
     async def start(self) -> None:
         await self.manager.open()

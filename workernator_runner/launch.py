@@ -145,8 +145,8 @@ def decode_init(message: bytes) -> Init:
     )
     if not all(isinstance(m, str) for m in data["job_modules"]):
         raise MessageError("init: job_modules must be strings")
-    if data["uid"] <= 0 or data["gid"] <= 0:
-        raise MessageError("init: the job user must not be root")
+    if not (0 < data["uid"] < 2**32 - 1 and 0 < data["gid"] < 2**32 - 1):
+        raise MessageError("init: the job user must not be root, and needs a valid uid and gid")
     egress = None
     if data["egress"] is not None:
         e = _fields(
@@ -179,8 +179,10 @@ def encode_launch(header: LaunchHeader, args: Mapping[str, Any]) -> bytes:
         use_bin_type=True,
     )
     body: bytes = msgpack.packb(dict(args), use_bin_type=True)
+    if len(head) > MAX_HEADER:
+        raise MessageError(f"the launch header takes more than {MAX_HEADER} bytes")
     message = LAUNCH + _HEADER_LEN.pack(len(head)) + head + body
-    if len(head) > MAX_HEADER or len(message) > MAX_MESSAGE:
+    if len(message) > MAX_MESSAGE:
         raise MessageError(f"the job's arguments take more than {MAX_MESSAGE} bytes")
     return message
 

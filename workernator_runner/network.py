@@ -8,10 +8,11 @@ bridge whose address is the jobs' gateway. The bridge ports are *isolated* (jobs
 each other at layer 2), and an nftables table of the runner's own:
 
 - masquerades the jobs' traffic to the outside;
-- drops everything from the bridge to the host itself (its addresses and ports: the api, the
-  runner, anything on 127.0.0.1), except DNS to the host's resolver when that resolver listens
-  on loopback (systemd-resolved's 127.0.0.53): the gateway's port 53 is forwarded to it, and the
-  source rewritten to 127.0.0.1 because such resolvers answer only local clients;
+- forwards the gateway's port 53 to the host's first name server (DNAT; when that one listens
+  on loopback, as systemd-resolved's 127.0.0.53 does, the source is rewritten to 127.0.0.1
+  too, because such resolvers answer only local clients) and lets exactly that through;
+- drops everything else from the bridge to the host itself (its addresses and ports: the api,
+  the runner, anything on 127.0.0.1);
 - drops forwarding from the bridge to loopback, link-local (169.254.0.0/16: cloud metadata),
   multicast and reserved addresses, and all IPv6;
 - lets nothing from outside reach a job, but the answers to what it sent.
@@ -80,9 +81,12 @@ class Egress:
 def plan(bridge: str, subnet: ipaddress.IPv4Network, resolv_conf_text: str) -> Egress:
     """Work out how jobs resolve names from the host's resolv.conf.
 
-    Name servers on loopback are reached through the gateway (DNAT, see the module doc); other
-    IPv4 name servers are used directly; IPv6 ones are left out (jobs have no IPv6). ``search``,
-    ``domain`` and ``options`` lines are kept.
+    Jobs ask the gateway, whose port 53 is forwarded (DNAT) to the host's first IPv4 name
+    server, wherever it is: on loopback (systemd-resolved's 127.0.0.53, which jobs could not
+    reach otherwise), on one of the host's addresses, on a link-local address (a cloud's
+    169.254.169.254, blocked for anything else), or further away. Other name servers are not
+    used (a DNAT rule has one target); IPv6 ones are left out (jobs have no IPv6). ``search``,
+    ``domain`` and ``options`` lines are kept. With no IPv4 name server, jobs get none.
     """
     gateway = subnet.network_address + 1
     servers: list[ipaddress.IPv4Address] = []
@@ -100,9 +104,8 @@ def plan(bridge: str, subnet: ipaddress.IPv4Network, resolv_conf_text: str) -> E
                 servers.append(address)
         elif words[0] in ("search", "domain", "options"):
             kept.append(" ".join(words))
-    resolver = next((s for s in servers if s.is_loopback), None)
+    resolver = servers[0] if servers else None
     lines = [f"nameserver {gateway}"] if resolver is not None else []
-    lines += [f"nameserver {s}" for s in servers if not s.is_loopback]
     lines += kept
     return Egress(bridge, subnet, resolver, "".join(f"{line}\n" for line in lines))
 
@@ -111,30 +114,32 @@ def ruleset(egress: Egress) -> str:
     """The nftables table, replaced whole and atomically by one ``nft -f -``."""
     b, table = egress.bridge, egress.table
     blocked = ", ".join(BLOCKED_DESTINATIONS)
-    dns_in = dns_nat = ""
+    dns = "meta l4proto { udp, tcp } th dport 53"
+    dns_accept = dns_nat = ""
     if egress.resolver is not None:
-        dns_in = (
-            f'        iifname "{b}" ct status dnat meta l4proto {{ udp, tcp }} th dport 53 accept\n'
-        )
+        # Only the gateway's port 53 is forwarded, and only to the resolver: let that through.
+        dns_accept = f'        iifname "{b}" ct status dnat {dns} accept\n'
         dns_nat = (
             "    chain prerouting {\n"
             "        type nat hook prerouting priority dstnat; policy accept;\n"
-            f'        iifname "{b}" ip daddr {egress.gateway.ip} meta l4proto {{ udp, tcp }} '
-            f"th dport 53 dnat ip to {egress.resolver}:53\n"
-            "    }\n"
-            "    chain nat_input {\n"
-            "        type nat hook input priority 100; policy accept;\n"
-            f'        iifname "{b}" ip daddr {egress.resolver} meta l4proto {{ udp, tcp }} '
-            "th dport 53 snat ip to 127.0.0.1\n"
+            f'        iifname "{b}" ip daddr {egress.gateway.ip} {dns} '
+            f"dnat ip to {egress.resolver}:53\n"
             "    }\n"
         )
+        if egress.resolver.is_loopback:  # such resolvers answer local clients only
+            dns_nat += (
+                "    chain nat_input {\n"
+                "        type nat hook input priority 100; policy accept;\n"
+                f'        iifname "{b}" ip daddr {egress.resolver} {dns} snat ip to 127.0.0.1\n'
+                "    }\n"
+            )
     return (
         f"table inet {table}\n"
         f"delete table inet {table}\n"
         f"table inet {table} {{\n"
         "    chain input {\n"
         "        type filter hook input priority filter - 10; policy accept;\n"
-        f"{dns_in}"
+        f"{dns_accept}"
         f'        iifname "{b}" drop\n'
         "    }\n"
         "    chain forward {\n"
@@ -144,6 +149,7 @@ def ruleset(egress: Egress) -> str:
         f'        oifname "{b}" ct state established,related accept\n'
         f'        oifname "{b}" drop\n'
         f'        iifname "{b}" meta nfproto ipv6 drop\n'
+        f"{dns_accept}"
         f'        iifname "{b}" ip daddr {{ {blocked} }} drop\n'
         "    }\n"
         f"{dns_nat}"
@@ -167,6 +173,10 @@ def setup_host(egress: Egress) -> None:
         index = nl.link_index(egress.bridge)
         if index is None:
             index = nl.create_bridge(egress.bridge)
+        else:
+            kind = next((link.kind for link in nl.links() if link.index == index), "")
+            if kind != "bridge":
+                raise OSError(f"{egress.bridge} exists and is not a bridge (it is {kind!r})")
         _sysctl(f"net/ipv6/conf/{egress.bridge}/disable_ipv6", "1")
         try:
             nl.add_address(index, egress.gateway)

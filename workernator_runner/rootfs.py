@@ -65,7 +65,8 @@ def python_paths() -> list[str]:
         for location in locations:
             if isinstance(location, str) and os.path.exists(location):
                 found.add(os.path.realpath(location))
-    return minimal_cover(p for p in found if not _under(p, "/usr"))
+    # /usr is bound whole; /etc is the job's own (Debian's sitecustomize lives there: unneeded)
+    return minimal_cover(p for p in found if not _under(p, "/usr") and not _under(p, "/etc"))
 
 
 def minimal_cover(paths: Iterable[str]) -> list[str]:

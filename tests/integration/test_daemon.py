@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import time
@@ -186,6 +187,28 @@ async def test_status_and_output_survive_a_runner_restart(daemon: Daemon) -> Non
         assert out == b"line 0\nline 1\nline 2"
         final = await client.status(*USER, running.id)
         assert final.state is JobState.COMPLETED
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+async def test_the_runner_exits_1_when_its_launcher_dies_and_jobs_go_on(daemon: Daemon) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        job = await client.start(*USER, "drip", {"count": 2, "interval": 3})
+    (launcher,) = _children(daemon.pid)
+    os.kill(launcher, signal.SIGKILL)
+    assert daemon.process is not None
+    assert await asyncio.to_thread(daemon.process.wait, 20) == 1  # for the service manager
+    log = daemon.log_path.read_text()
+    assert "workernator-runner: the launcher exited (exit status -9); no job could start" in log
+    daemon.process = None
+    daemon.start()  # as the service manager would
+    async with RunnerClient(daemon.config.socket) as client:
+        assert (await client.status(*USER, job.id)).state is JobState.RUNNING  # re-adopted
+        assert await _tail_all(client, job.id) == b"line 0\nline 1"
+        assert (await client.status(*USER, job.id)).state is JobState.COMPLETED
 
 
 async def test_a_running_job_can_be_stopped_by_a_restarted_runner(daemon: Daemon) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import pwd
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,113 @@ def test_api_config_errors_name_the_key(tmp_path: Path, text: str, message: str)
     with pytest.raises(api_config.ConfigError) as exc:
         api_config.load(path)
     assert message in str(exc.value)
+
+
+def _parse(**runner: object) -> runner_config.RunnerConfig:
+    return runner_config.parse({"runner": dict(runner)})
+
+
+def test_runner_sandbox_keys_are_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "runner.toml"
+    path.write_text(
+        "[runner]\n"
+        'job_user = "nobody"\n'
+        "tmp_size_mb = 128\n"
+        'egress_bridge = "wn_Test1"\n'
+        'egress_subnet = "172.30.0.0/24"\n'
+        'resolv_conf = "/run/systemd/resolve/resolv.conf"\n'
+    )
+    cfg = runner_config.load(path)
+    assert cfg.job_user == "nobody"
+    assert cfg.tmp_size_mb == 128
+    assert cfg.egress_bridge == "wn_Test1"
+    assert cfg.egress_subnet == ipaddress.IPv4Network("172.30.0.0/24")
+    assert cfg.resolv_conf == Path("/run/systemd/resolve/resolv.conf")
+
+
+def test_runner_sandbox_defaults() -> None:
+    cfg = runner_config.RunnerConfig()
+    assert cfg.job_user == "workernator-job"
+    assert cfg.tmp_size_mb == 64
+    assert cfg.egress_bridge == "wn0"
+    assert cfg.egress_subnet == ipaddress.IPv4Network("10.92.0.0/16")
+    assert cfg.resolv_conf == Path("/etc/resolv.conf")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "parsed"),
+    [
+        ("egress_bridge", "", ""),  # no egress networking
+        ("egress_bridge", "abcdefgh", "abcdefgh"),  # the longest: <bridge>-<id> is 15 bytes
+        ("egress_bridge", "a", "a"),
+        ("egress_subnet", "10.0.0.0/28", ipaddress.IPv4Network("10.0.0.0/28")),
+        ("egress_subnet", "10.0.0.0/8", ipaddress.IPv4Network("10.0.0.0/8")),
+        ("tmp_size_mb", 1, 1),
+        ("tmp_size_mb", 1 << 20, 1 << 20),
+        ("job_user", "j", "j"),
+        ("resolv_conf", "/etc/resolv.conf", Path("/etc/resolv.conf")),
+    ],
+)
+def test_runner_sandbox_keys_accept_their_limits(key: str, value: object, parsed: object) -> None:
+    assert getattr(_parse(**{key: value}), key) == parsed
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("egress_bridge", "abcdefghi", "not a valid interface name"),  # too long for the veths
+        ("egress_bridge", "wn-0", "not a valid interface name"),
+        ("egress_bridge", "wn 0", "not a valid interface name"),
+        ("egress_bridge", "wn/0", "not a valid interface name"),
+        ("egress_bridge", "wn0\n", "not a valid interface name"),
+        ("egress_bridge", "wné", "not a valid interface name"),
+        ("egress_bridge", "wn.0", "not a valid interface name"),
+        ("egress_bridge", 0, "expected"),
+        ("egress_subnet", "not a network", "runner.egress_subnet:"),
+        ("egress_subnet", "10.92.0.1/16", "runner.egress_subnet:"),  # host bits set
+        ("egress_subnet", "10.92.0.0/33", "runner.egress_subnet:"),
+        ("egress_subnet", "fd00::/64", "runner.egress_subnet:"),
+        ("egress_subnet", "10.0.0.0/29", "a /28 or larger"),
+        ("egress_subnet", "10.0.0.0/30", "a /28 or larger"),
+        ("egress_subnet", "10.0.0.1/32", "a /28 or larger"),
+        ("egress_subnet", 168427520, "expected"),
+        ("tmp_size_mb", 0, "between 1 and 1048576"),
+        ("tmp_size_mb", -64, "between 1 and 1048576"),
+        ("tmp_size_mb", (1 << 20) + 1, "between 1 and 1048576"),
+        ("tmp_size_mb", "64", "expected"),
+        ("tmp_size_mb", 64.0, "expected"),
+        ("tmp_size_mb", True, "got a boolean"),
+        ("job_user", "", "must not be empty"),
+        ("job_user", 1000, "expected"),
+        ("resolv_conf", "resolv.conf", "must be an absolute path"),
+        ("resolv_conf", "./etc/resolv.conf", "must be an absolute path"),
+        ("resolv_conf", "", "must be an absolute path"),
+    ],
+)
+def test_runner_sandbox_key_errors_name_the_key(key: str, value: object, message: str) -> None:
+    with pytest.raises(runner_config.ConfigError) as exc:
+        _parse(**{key: value})
+    assert str(exc.value).startswith(f"runner.{key}:")
+    assert message in str(exc.value)
+
+
+def test_job_ids_need_an_existing_unprivileged_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(runner_config.ConfigError) as exc:
+        runner_config.RunnerConfig(job_user="no-such-user-wn").job_ids()
+    assert "job_user" in str(exc.value)
+    assert "'no-such-user-wn'" in str(exc.value)
+    assert "useradd" in str(exc.value)
+    with pytest.raises(runner_config.ConfigError, match="must not have uid or gid 0"):
+        runner_config.RunnerConfig(job_user="root").job_ids()
+
+    def fake(uid: int, gid: int) -> object:
+        return pwd.struct_passwd(("job", "x", uid, gid, "", "/", "/usr/sbin/nologin"))
+
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: fake(1001, 0))
+    with pytest.raises(runner_config.ConfigError, match="must not have uid or gid 0"):
+        runner_config.RunnerConfig(job_user="job").job_ids()
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: fake(0, 1001))
+    with pytest.raises(runner_config.ConfigError, match="must not have uid or gid 0"):
+        runner_config.RunnerConfig(job_user="job").job_ids()
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: fake(1001, 1002))
+    assert runner_config.RunnerConfig(job_user="job").job_ids() == (1001, 1002)
