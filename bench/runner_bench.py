@@ -73,7 +73,7 @@ def file_read_throughput(directory: Path) -> float:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RunnerConfig(state_dir=Path(tmp))
+        cfg = RunnerConfig(state_dir=Path(tmp), socket_group="", egress_bridge="")  # no network
         registry = Registry([*load_registry().values(), *PROBES])
         async with JobManager(cfg, registry) as m:
             ours = statistics.median(await job_starts(m))

@@ -38,7 +38,11 @@ class H(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(n)
         code = 201 if self.path == "/ok" else 404
+        if self.path.startswith("/redirect?to="):  # a redirect to wherever the query says
+            code = 302
         self.send_response(code)
+        if code == 302:
+            self.send_header("Location", self.path.split("=", 1)[1])
         self.send_header("Content-Length", "0")
         self.end_headers()
         print(json.dumps({"method": self.command, "path": self.path, "body": len(body),

@@ -346,6 +346,11 @@ def _listen(args: Mapping[str, Any]) -> None:
 
 
 _TEXT = ArgKind.STRING
+_CONNECT_ARGS = (
+    ArgSpec("targets", _TEXT, "", required=False),
+    ArgSpec("names", _TEXT, "", required=False),
+    ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
+)
 JOBS += (
     Job(
         JobSpec(
@@ -392,11 +397,7 @@ JOBS += (
             "connect",
             "Connect",
             "tries connections (no network)",
-            (
-                ArgSpec("targets", _TEXT, "", required=False),
-                ArgSpec("names", _TEXT, "", required=False),
-                ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
-            ),
+            _CONNECT_ARGS,
         ),
         _connect,
         framed=False,
@@ -417,11 +418,7 @@ JOBS += (
             "egress-connect",
             "Egress connect",
             "tries connections (egress)",
-            (
-                ArgSpec("targets", _TEXT, "", required=False),
-                ArgSpec("names", _TEXT, "", required=False),
-                ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
-            ),
+            _CONNECT_ARGS,
         ),
         _connect,
         framed=False,

@@ -119,6 +119,9 @@ class Launcher:
                 async with self._send_lock:
                     await self._loop.sock_sendall(self.sock, message)
                 await asyncio.shield(done)
+        except TimeoutError:
+            self.cancel(header.job_id)
+            raise Internal(f"the job did not start within {seconds:g} s") from None
         except BaseException:
             if not done.done():  # no answer yet: the monitor may be half-way
                 self.cancel(header.job_id)

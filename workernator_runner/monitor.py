@@ -104,6 +104,8 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     if message is None:  # the runner is gone: this spare is not needed
         job.abandon()
         return 0
+    with contextlib.suppress(BlockingIOError):  # a signal to the spare is not a stop of the job
+        os.read(wake_r, 256)
     os.setpriority(os.PRIO_PGRP, 0, 0)  # this monitor and the init (the init does the job's)
     try:
         header, args_start = wire.decode_launch_header(memoryview(message))

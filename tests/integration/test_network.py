@@ -341,3 +341,25 @@ async def test_a_bridge_name_taken_by_another_interface_is_refused(
 
 def _nft_tables() -> str:
     return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+
+
+async def test_a_wait_job_follows_no_redirect_but_to_http(
+    manager: JobManager, lan_host: tuple[NetHost, int]
+) -> None:
+    host, port = lan_host
+    base = f"http://{host.address}:{port}"
+    ftp = f"ftp://{host.address}:{port}/passwd"
+    status, out, err = await run_job(
+        manager, "wait", {"seconds": 0, "url": f"{base}/redirect?to={ftp}"}
+    )
+    assert status.state is JobState.FAILED
+    assert err == (
+        f"[ERROR] Redirect to {ftp} refused: only http and https redirects are followed\n"
+    ).encode()
+    assert out.endswith(b"[JOB] Failed\n")
+    status, out, _ = await run_job(
+        manager, "wait", {"seconds": 0, "url": f"{base}/redirect?to={base}/ok"}
+    )
+    assert status.state is JobState.COMPLETED
+    assert f"[WAIT] Following a 302 redirect to {base}/ok\n".encode() in out
+    assert b"[RESULT] 201\n" in out

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from shared.errors import Internal
 from shared.model import JobState
 from tests.helpers import (
     collect,
@@ -21,6 +22,7 @@ from tests.helpers import (
     process_gone,
 )
 from workernator_runner import launch, linux, store
+from workernator_runner import manager as manager_mod
 from workernator_runner.manager import JobManager
 
 
@@ -32,8 +34,8 @@ async def _wait_for(predicate: object, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> None:
-    # The runner never hears that the job started: the monitor's report is dropped.
+def _drop_start_reports(manager: JobManager) -> None:
+    """From now on the runner never hears that a job started: monitors' reports are dropped."""
     launcher = manager._launcher
     assert launcher is not None
 
@@ -47,6 +49,22 @@ async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> N
     loop = asyncio.get_running_loop()
     loop.remove_reader(launcher.sock.fileno())
     loop.add_reader(launcher.sock.fileno(), deaf)
+
+
+async def test_a_start_that_times_out_leaves_nothing_behind(
+    manager: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_mod, "START_TIMEOUT_SECONDS", 1.0)
+    _drop_start_reports(manager)
+    with pytest.raises(Internal, match="the job did not start within 1 s"):
+        await manager.start("drip", {"count": 1, "interval": 60}, "alice")
+    assert manager.list() == []
+    await _wait_for(lambda: list(manager.config.jobs_dir.iterdir()) == [])
+    await _wait_for(lambda: job_workspaces(manager) == [])
+
+
+async def test_a_cancelled_start_leaves_nothing_behind(manager: JobManager) -> None:
+    _drop_start_reports(manager)
     task = asyncio.create_task(manager.start("forker", {"children": 2}, "alice"))
     cfg = manager.config
 
