@@ -353,9 +353,12 @@ async def test_a_wait_job_follows_no_redirect_but_to_http(
         manager, "wait", {"seconds": 0, "url": f"{base}/redirect?to={ftp}"}
     )
     assert status.state is JobState.FAILED
-    assert err == (
-        f"[ERROR] Redirect to {ftp} refused: only http and https redirects are followed\n"
-    ).encode()
+    assert (
+        err
+        == (
+            f"[ERROR] Redirect to {ftp} refused: only http and https redirects are followed\n"
+        ).encode()
+    )
     assert out.endswith(b"[JOB] Failed\n")
     status, out, _ = await run_job(
         manager, "wait", {"seconds": 0, "url": f"{base}/redirect?to={base}/ok"}
