@@ -71,7 +71,8 @@ def _daemonize(args: Mapping[str, Any]) -> None:
     """Start a daemon the classic way (fork, setsid, fork; it ignores SIGTERM and sleeps),
     print its pid, then sleep ``seconds`` and exit, leaving it behind."""
     r, w = os.pipe()
-    if os.fork() == 0:
+    middle = os.fork()
+    if middle == 0:
         os.setsid()
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -79,6 +80,7 @@ def _daemonize(args: Mapping[str, Any]) -> None:
             time.sleep(3600)
         os._exit(0)
     os.close(w)
+    os.waitpid(middle, 0)  # gone: the daemon is an orphan now, its init's child
     print(os.read(r, 100).decode(), end="", flush=True)
     time.sleep(args["seconds"])
 
@@ -225,6 +227,7 @@ def _inspect(args: Mapping[str, Any]) -> None:
         "seccomp": status["Seccomp"],
         "root": sorted(os.listdir("/")),
         "exists": {p: os.path.lexists(p) for p in paths},
+        "listed": {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in paths},
         "writable": {
             d: _write_probe(d) for d in ("/", "/usr", "/etc", "/tmp", "/workspace", "/dev", "/proc")
         },
@@ -361,6 +364,12 @@ JOBS += (
         ),
         _inspect,
         framed=False,
+    ),
+    Job(
+        JobSpec("egress-inspect", "Inspect", "reports the sandbox", (ArgSpec("paths", _TEXT, ""),)),
+        _inspect,
+        framed=False,
+        network=Network.EGRESS,
     ),
     Job(JobSpec("syscalls", "Syscalls", "tries forbidden calls"), _syscalls, framed=False),
     Job(

@@ -299,7 +299,6 @@ class _Job:
             job_type=header.job_type,
             args=args,
             etc=rootfs.job_etc(header.job_id, resolv_conf),
-            egress_files=rootfs.EGRESS_FILES if egress else (),
             address=header.address,
             gateway=gateway,
         )

@@ -22,6 +22,7 @@ the copy and detaches the old root: everything else of the host is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -136,8 +137,9 @@ def _bind_ro(host: str, root: str) -> None:
 def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, str]) -> None:
     """Before there is a job: private propagation, then on the template's copy a fresh
     ``/proc`` (of this PID namespace), an empty ``/tmp``, the sandbox's ``/workspace`` (a
-    directory on the host, owned by the job user) and ``/etc`` with the files that are the same
-    for every job. Call as PID 1 of a new PID namespace, in a new mount namespace, as root."""
+    directory on the host, owned by the job user), ``/etc`` with the files that are the same for
+    every job and the egress files; then ``pivot_root`` into the copy and detach the host's
+    tree. Call as PID 1 of a new PID namespace, in a new mount namespace, as root."""
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing goes back out
     linux.mount("proc", f"{template}/proc", "proc", _SAFE)
     tmp = f"{template}/tmp"  # noqa: S108 - the job's own tmpfs
@@ -146,20 +148,30 @@ def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, s
     linux.mount(None, f"{template}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
     linux.mount("tmpfs", f"{template}/etc", "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
     _write_files(f"{template}/etc", etc)
-
-
-def enter(template: str, etc: Mapping[str, str], egress_files: tuple[str, ...] = ()) -> None:
-    """Per job, after :func:`prepare`: the rest of ``/etc``, made read-only, then
-    ``pivot_root`` into the root and detach the host's tree."""
-    _write_files(f"{template}/etc", etc)
-    for path in egress_files:
+    for path in EGRESS_FILES:  # removed again for a job without network
         if os.path.exists(path):
             _bind_ro(path, template)
-    linux.mount(None, f"{template}/etc", None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
     os.chdir(template)
     linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
     linux.umount(".", linux.MNT_DETACH)  # ...and goes away, with every host mount under it
     os.chdir("/")
+
+
+def enter(etc: Mapping[str, str], egress: bool) -> None:
+    """Per job, after :func:`prepare`, inside the root: the rest of ``/etc`` (the egress files
+    go for a job without network), then ``/etc`` read-only."""
+    _write_files("/etc", etc)
+    if not egress:
+        for path in EGRESS_FILES:
+            if os.path.lexists(path):
+                linux.umount(path, linux.MNT_DETACH)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+        with contextlib.suppress(OSError):  # /etc/ssl, when it held only those
+            os.rmdir("/etc/ssl")
+    linux.mount(None, "/etc", None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
 
 
 def _write_files(directory: str, files: Mapping[str, str]) -> None:

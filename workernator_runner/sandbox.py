@@ -98,7 +98,6 @@ class JobSetup:
     job_type: str
     args: Mapping[str, Any]
     etc: Mapping[str, str]  # the job's own files in /etc
-    egress_files: tuple[str, ...] = ()
     address: str = ""  # "10.92.0.2/16" for egress jobs
     gateway: str = ""
 
@@ -108,7 +107,6 @@ class JobSetup:
             "type": self.job_type,
             "args": dict(self.args),
             "etc": dict(self.etc),
-            "egress_files": list(self.egress_files),
             "address": self.address,
             "gateway": self.gateway,
         }
@@ -124,7 +122,6 @@ class JobSetup:
             job_type=data["type"],
             args=data["args"],
             etc=data["etc"],
-            egress_files=tuple(data["egress_files"]),
             address=data["address"],
             gateway=data["gateway"],
         )
@@ -204,7 +201,7 @@ def _enter(sandbox: Sandbox, setup: JobSetup) -> None:
         network.configure_inside(
             ipaddress.IPv4Interface(setup.address), ipaddress.IPv4Address(setup.gateway)
         )
-    rootfs.enter(sandbox.template, setup.etc, setup.egress_files)
+    rootfs.enter(setup.etc, egress=bool(setup.address))
 
 
 def _describe(exc: BaseException) -> str:

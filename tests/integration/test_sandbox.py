@@ -252,3 +252,30 @@ async def test_the_workspace_is_private_and_removed_with_the_job(manager: JobMan
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (pwd.getpwnam(JOB_USER).pw_uid, 0o700)
     await manager.stop(job.id)
     assert not workspace.exists()
+
+
+async def test_only_jobs_with_network_get_name_servers_and_ca_certificates(
+    manager: JobManager,
+) -> None:
+    paths = ["/etc/resolv.conf", "/etc/ssl", "/etc/ssl/certs", "/etc/ssl/openssl.cnf", "/etc"]
+    egress = await _probe(manager, "egress-inspect", paths=json.dumps(paths))
+    assert egress["exists"] == dict.fromkeys(paths, True)
+    assert egress["interfaces"] == ["eth0", "lo"]
+    listed = egress["listed"]
+    assert isinstance(listed, dict)
+    assert len(listed["/etc/ssl/certs"]) > 10  # the host's CA certificates
+    assert listed["/etc"] == [
+        "group",
+        "hostname",
+        "hosts",
+        "nsswitch.conf",
+        "passwd",
+        "resolv.conf",
+        "ssl",
+    ]
+    none = await _probe(manager, "inspect", paths=json.dumps(paths))
+    assert none["exists"] == {**dict.fromkeys(paths, False), "/etc": True}
+    assert none["listed"] == {
+        **dict.fromkeys(paths),
+        "/etc": ["group", "hostname", "hosts", "nsswitch.conf", "passwd"],
+    }
