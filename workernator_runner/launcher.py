@@ -83,6 +83,7 @@ class Launcher:
                 tmp_size_mb=init.tmp_size_mb,
                 seccomp_filter=seccomp.build_filter(),
                 registry=registry,
+                resolv_conf=self.egress.resolv_conf if self.egress is not None else None,
             ),
             egress=self.egress,
         )

@@ -35,7 +35,7 @@ from typing import Any
 from shared import ids
 from shared.model import JobState, Stream
 from workernator_runner import launch as wire
-from workernator_runner import linux, network, rootfs, sandbox, store
+from workernator_runner import linux, network, sandbox, store
 from workernator_runner.jobs import Job, Network
 
 PARTIAL_LINE_FLUSH_SECONDS = 0.05  # a line without its newline yet is written after this long
@@ -124,8 +124,9 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         boot_id=linux.boot_id(),
     )
     try:
-        job.start(header, message[args_start:])  # the init goes on with its part...
-        # ...while this records the job as running (the runner reads it once told).
+        job.hand_over(header, message[args_start:])  # the init goes on with its part...
+        # ...while this takes care of the rest (the runner reads state.json once told).
+        job.take_workspace()
         output_fd = os.open(
             job_dir / store.OUTPUT_FILE,
             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -166,10 +167,7 @@ def _rehearse(host: Host) -> None:
     job_id = "A" * ids.LENGTH
     message = wire.encode_launch(wire.LaunchHeader(job_id, "noop", 1.0, ""), {})
     header, start = wire.decode_launch_header(memoryview(message))
-    for job in host.sandbox.registry.values():
-        with contextlib.suppress(Exception):
-            job.spec.validate(wire.decode_args(message[start:]))
-    sandbox.JobSetup(job_id, header.job_type, {}, rootfs.job_etc(job_id, None)).encode()
+    sandbox.JobSetup(job_id, header.job_type, message[start:]).encode()
     store.state_json(store.StateFile(started_ns=time.time_ns()))
     null = os.open(os.devnull, os.O_WRONLY)
     try:
@@ -266,9 +264,9 @@ class _Job:
             raise StartFailed(f"the job's init ended during setup ({_describe_status(status)})")
         raise StartFailed(f"unexpected message from the job's init: {message[:20]!r}")
 
-    def start(self, header: wire.LaunchHeader, args_data: bytes) -> None:
-        """Check the job, give it a workspace (and a veth) and hand it to the init; raises
-        StartFailed or OSError with the reason."""
+    def hand_over(self, header: wire.LaunchHeader, args_data: bytes) -> None:
+        """Check the job's type and network, give an egress job its veth, and hand the job to
+        the init, which checks the arguments and starts it; raises StartFailed or OSError."""
         host = self.host
         self.job_id = header.job_id
         job: Job | None = host.sandbox.registry.get(header.job_type)
@@ -279,31 +277,23 @@ class _Job:
             raise StartFailed("egress networking is not available in this runner")
         if egress != bool(header.address):
             raise StartFailed("the job's address does not fit its network mode")
-        try:
-            args = job.spec.validate(wire.decode_args(args_data))
-        except Exception as exc:  # InvalidArgument, MessageError: the runner checked them
-            raise StartFailed(f"bad arguments: {exc}") from None
-        assert self.workspace is not None
-        workspace = host.workspaces_dir / header.job_id
-        os.rename(self.workspace, workspace)  # the bind mount inside follows the directory
-        self.workspace = workspace
-        resolv_conf = None
         gateway = ""
         if host.egress is not None and egress:
             network.attach(host.egress, header.job_id, self.init_pid)
             self.veth = True
-            resolv_conf = host.egress.resolv_conf
             gateway = str(host.egress.gateway.ip)
         setup = sandbox.JobSetup(
-            job_id=header.job_id,
-            job_type=header.job_type,
-            args=args,
-            etc=rootfs.job_etc(header.job_id, resolv_conf),
-            address=header.address,
-            gateway=gateway,
+            header.job_id, header.job_type, bytes(args_data), header.address, gateway
         )
         assert self.channel is not None
         self.channel.send(setup.encode())
+
+    def take_workspace(self) -> None:
+        """The spare's workspace becomes the job's (the mount in the sandbox follows it)."""
+        assert self.workspace is not None
+        workspace = self.host.workspaces_dir / self.job_id
+        os.rename(self.workspace, workspace)
+        self.workspace = workspace
 
     def wait_running(self) -> None:
         """Return once the init says the job runs; raises StartFailed with the reason."""

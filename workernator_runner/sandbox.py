@@ -40,13 +40,12 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import msgpack
 
-from workernator_runner import linux, network, rootfs, seccomp
+from workernator_runner import launch, linux, network, rootfs, seccomp
 from workernator_runner.jobs import Registry, run_job
 
 NAMESPACES = (
@@ -88,16 +87,17 @@ class Sandbox:
     tmp_size_mb: int
     seccomp_filter: bytes
     registry: Registry
+    resolv_conf: str | None  # egress jobs' /etc/resolv.conf (None: egress is off)
 
 
 @dataclass(frozen=True)
 class JobSetup:
-    """One job for a prepared sandbox, sent by its monitor."""
+    """One job for a prepared sandbox, sent by its monitor as soon as it has one: the init
+    checks the arguments itself (the runner did already), so the monitor need not first."""
 
     job_id: str
     job_type: str
-    args: Mapping[str, Any]
-    etc: Mapping[str, str]  # the job's own files in /etc
+    args: bytes  # as the runner sent them (msgpack)
     address: str = ""  # "10.92.0.2/16" for egress jobs
     gateway: str = ""
 
@@ -105,8 +105,7 @@ class JobSetup:
         body = {
             "id": self.job_id,
             "type": self.job_type,
-            "args": dict(self.args),
-            "etc": dict(self.etc),
+            "args": self.args,
             "address": self.address,
             "gateway": self.gateway,
         }
@@ -115,13 +114,12 @@ class JobSetup:
 
     @classmethod
     def decode(cls, message: bytes) -> JobSetup:
-        """From the monitor, which checked everything in it: a malformed one is a bug."""
+        """From the monitor, which checked the header: a malformed one is a bug."""
         data = msgpack.unpackb(message[1:], raw=False)
         return cls(
             job_id=data["id"],
             job_type=data["type"],
             args=data["args"],
-            etc=data["etc"],
             address=data["address"],
             gateway=data["gateway"],
         )
@@ -160,7 +158,7 @@ def init(
         os.close(out_w)
         os.close(err_w)
         _expect(ours, MSG_PREPARED, "the job process")
-        JobSetup.decode(JobSetup("AAAAAA", "noop", {}, {}).encode())  # first touches, early
+        _rehearse_init(sandbox)
         channel.send(MSG_PREPARED)
         message = channel.recv(MAX_MESSAGE)
         if not message.startswith(MSG_JOB):  # empty: the monitor is gone
@@ -168,9 +166,10 @@ def init(
         setup = JobSetup.decode(message)
         for pid in (0, job_pid):  # prepared at the lowest priority (see monitor.spare)
             os.setpriority(os.PRIO_PROCESS, pid, 0)
+        args = _check(sandbox, setup)
         _enter(sandbox, setup)
         # The job process has nothing left to do but run: it goes, and the job is running.
-        ours.send(msgpack.packb([setup.job_type, dict(setup.args)], use_bin_type=True))
+        ours.send(msgpack.packb([setup.job_type, args], use_bin_type=True))
         ours.close()
         channel.send(MSG_RUNNING)
         # Now the init itself: it needed root for the mounts until just now.
@@ -194,6 +193,26 @@ def _expect(sock: socket.socket, kind: bytes, who: str) -> None:
         raise SetupError(answer[1:].decode(errors="replace") or f"{who} died")
 
 
+def _check(sandbox: Sandbox, setup: JobSetup) -> dict[str, Any]:
+    """The job's arguments, checked again against its type (the launch path trusts nobody)."""
+    job = sandbox.registry.get(setup.job_type)
+    if job is None:
+        raise SetupError(f"unknown job type {setup.job_type!r}")
+    try:
+        return job.spec.validate(launch.decode_args(setup.args))
+    except Exception as exc:  # InvalidArgument, MessageError: the runner checked them already
+        raise SetupError(f"bad arguments: {exc}") from None
+
+
+def _rehearse_init(sandbox: Sandbox) -> None:
+    """The init's per-job code, once on a made-up job, before there is one (see
+    monitor._rehearse)."""
+    setup = JobSetup.decode(JobSetup("AAAAAA", "noop", msgpack.packb({})).encode())
+    _check(sandbox, setup)
+    rootfs.job_etc(setup.job_id, sandbox.resolv_conf)
+    msgpack.packb([setup.job_type, {}], use_bin_type=True)
+
+
 def _enter(sandbox: Sandbox, setup: JobSetup) -> None:
     """The per-job part of the init's setup, before the job process may go on."""
     socket.sethostname(setup.job_id)
@@ -201,7 +220,8 @@ def _enter(sandbox: Sandbox, setup: JobSetup) -> None:
         network.configure_inside(
             ipaddress.IPv4Interface(setup.address), ipaddress.IPv4Address(setup.gateway)
         )
-    rootfs.enter(setup.etc, egress=bool(setup.address))
+    egress = bool(setup.address)
+    rootfs.enter(rootfs.job_etc(setup.job_id, sandbox.resolv_conf if egress else None), egress)
 
 
 def _describe(exc: BaseException) -> str:

@@ -159,3 +159,17 @@ async def test_state_files_are_json_whole(manager: JobManager) -> None:
     data = json.loads((manager.config.jobs_dir / job.id / store.STATE_FILE).read_text())
     assert data["state"] == "COMPLETED"
     assert data["boot_id"] == linux.boot_id()
+
+
+async def test_the_sandbox_checks_the_arguments_again(manager: JobManager) -> None:
+    """Arguments that reach the launch path without the runner's checks do not run."""
+    launcher = manager._launcher
+    assert launcher is not None
+    (manager.config.jobs_dir / "BADARG").mkdir()
+    header = launch.LaunchHeader("BADARG", "fib", 1.0, "")
+    with pytest.raises(Internal, match="bad arguments: argument 'position': must be an integer"):
+        await launcher.launch(header, {"position": "3"}, 10)
+    with pytest.raises(Internal, match="unknown job type 'rm'"):
+        await launcher.launch(launch.LaunchHeader("BADARG", "rm", 1.0, ""), {}, 10)
+    assert job_workspaces(manager) == []
+    assert not (manager.config.jobs_dir / "BADARG" / "output").read_bytes()

@@ -523,12 +523,11 @@ def test_fuzz_one_field_changed_only_ever_raises_message_error(key: str, value: 
 @pytest.mark.parametrize(
     "setup",
     [
-        JobSetup("AAAAAA", "noop", {}, {}),
+        JobSetup("AAAAAA", "noop", msgpack.packb({})),
         JobSetup(
             "XE38YM",
             "wait",
-            {"url": "https://example.com/", "timeout": 2.5, "raw": b"\x00\xff", "n": None},
-            {"hosts": "127.0.0.1\tlocalhost\n", "hostname": "XE38YM\n", "resolv.conf": ""},
+            msgpack.packb({"url": "https://example.com/", "seconds": 2.5}),
             "10.92.0.2/16",
             "10.92.0.1",
         ),
