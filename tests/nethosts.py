@@ -101,6 +101,42 @@ def _free_subnet(first: int, prefix: int) -> ipaddress.IPv4Network:
     raise RuntimeError("no free test subnet")
 
 
+LABS = Path("/run/workernator-test-labs")  # <bridge> -> the pid of the session that made it
+
+
+def _remove_network(bridge: str) -> None:
+    subprocess.run(
+        ["nft", "delete", "table", "inet", f"workernator_{bridge}"],
+        capture_output=True,
+        check=False,
+    )
+    ip("link", "del", bridge, check=False)
+
+
+def _remove_host(netns: str, link: str) -> None:
+    for pid in ip("netns", "pids", netns, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)  # a test server of ours, in our namespace
+    ip("netns", "del", netns, check=False)
+    ip("link", "del", link, check=False)
+
+
+def _remove_dead_labs() -> None:
+    """Bridges, tables and test hosts of test sessions killed before they could remove them
+    (each is registered with the pid of its session)."""
+    if not LABS.is_dir():
+        return
+    for entry in LABS.iterdir():
+        pid, _, link = entry.read_text().partition(" ")
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue
+        if entry.name.startswith("wn-"):  # a test host: netns name, then its link
+            _remove_host(entry.name, link)
+        else:
+            _remove_network(entry.name)
+        entry.unlink(missing_ok=True)
+
+
 @dataclass
 class EgressLab:
     bridge: str
@@ -119,26 +155,26 @@ class EgressLab:
 
     @classmethod
     def create(cls) -> EgressLab:
+        _remove_dead_labs()
         directory = Path(tempfile.mkdtemp(prefix="wn-lab-"))
         resolver = ipaddress.IPv4Address(
             f"127.53.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
         )
         (directory / "resolv.conf").write_text(f"nameserver {resolver}\nsearch lab.test\n")
-        return cls(
+        lab = cls(
             bridge=f"wnt{secrets.token_hex(2)}",
             subnet=_free_subnet(200, 24),
             resolver=resolver,
             dir=directory,
             ip_forward=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
         )
+        LABS.mkdir(parents=True, exist_ok=True)
+        (LABS / lab.bridge).write_text(str(os.getpid()))  # so a killed session's is found
+        return lab
 
     def remove(self) -> None:
-        subprocess.run(
-            ["nft", "delete", "table", "inet", f"workernator_{self.bridge}"],
-            capture_output=True,
-            check=False,
-        )
-        ip("link", "del", self.bridge, check=False)
+        _remove_network(self.bridge)
+        (LABS / self.bridge).unlink(missing_ok=True)
         Path("/proc/sys/net/ipv4/ip_forward").write_text(self.ip_forward)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -177,15 +213,17 @@ class NetHost:
         for process in self.processes:
             process.kill()
             process.wait(timeout=10)
-        ip("netns", "del", self.name, check=False)
-        ip("link", "del", self.link, check=False)
+        _remove_host(self.name, self.link)
+        (LABS / self.name).unlink(missing_ok=True)
 
 
 def _new_netns(prefix: str) -> tuple[str, str]:
-    name = f"{prefix}{secrets.token_hex(3)}"
+    name, link = f"{prefix}{secrets.token_hex(3)}", f"wnh{secrets.token_hex(4)}"
+    LABS.mkdir(parents=True, exist_ok=True)
+    (LABS / name).write_text(f"{os.getpid()} {link}")  # so a killed session's is found
     ip("netns", "add", name)
     ip("-n", name, "link", "set", "lo", "up")
-    return name, f"wnh{secrets.token_hex(4)}"
+    return name, link
 
 
 @contextlib.contextmanager
