@@ -47,6 +47,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs root")
 
 
+@pytest.hookimpl(tryfirst=True)  # before the terminal reporter files it as a skip
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Under CI=true a skipped privileged test is a failure: CI must exercise them."""
     if IN_CI and report.skipped and "privileged" in report.keywords:

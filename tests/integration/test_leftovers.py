@@ -40,9 +40,16 @@ def _descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            with open(task / "children") as f:
-                children = [int(c) for c in f.read().split()]
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except FileNotFoundError:  # it has just exited
+            continue
+        for task in tasks:
+            try:
+                with open(task / "children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except FileNotFoundError:
+                continue
             found.extend(children)
             todo.extend(children)
     return found

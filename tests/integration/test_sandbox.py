@@ -16,6 +16,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,21 +169,27 @@ async def test_forbidden_system_calls_fail_with_eperm(manager: JobManager) -> No
     }
 
 
-@pytest.fixture
-def setuid_id() -> Iterator[Path]:
-    """A setuid-root copy of id(1) where jobs can see it (the tests' own code directory, which
-    the sandbox binds read-only), proven to raise its user on the host."""
-    directory = ROOT / "tests" / f".wn-suid-{secrets.token_hex(4)}"
-    directory.mkdir(mode=0o755)
+def _setuid_copy_of_id(directory: Path) -> Path:
     binary = directory / "id"
     shutil.copy("/usr/bin/id", binary)
     os.chown(binary, 0, 0)
     os.chmod(binary, 0o4755)
+    return binary
+
+
+@pytest.fixture
+def setuid_id() -> Iterator[Path]:
+    """A setuid-root copy of id(1) where jobs can see it (the tests' own code directory, which
+    the sandbox binds read-only), and a control: the same copy raises the job user on the host
+    (made in a world-readable directory, in case the checkout is not)."""
+    directory = ROOT / "tests" / f".wn-suid-{secrets.token_hex(4)}"
+    directory.mkdir(mode=0o755)
+    control = Path(tempfile.mkdtemp(prefix="wn-suid-"))
+    os.chmod(control, 0o755)
     try:
-        # Control: on the host, the job user running it gets euid 0.
         user = pwd.getpwnam(JOB_USER)
         result = subprocess.run(
-            [str(binary), "-u"],
+            [str(_setuid_copy_of_id(control)), "-u"],
             user=user.pw_uid,
             group=user.pw_gid,
             extra_groups=[],
@@ -191,9 +198,10 @@ def setuid_id() -> Iterator[Path]:
             check=True,
         )
         assert result.stdout.strip() == "0", "the setuid copy does not work on the host"
-        yield binary
+        yield _setuid_copy_of_id(directory)
     finally:
         shutil.rmtree(directory)
+        shutil.rmtree(control)
 
 
 async def test_a_setuid_binary_does_not_raise_a_job(manager: JobManager, setuid_id: Path) -> None:
