@@ -70,12 +70,14 @@ def main(
 async def _serve(make: Callable[[C], Service], cfg: C) -> None:
     """Serve until signalled; a service with a ``failed`` future (a reason, once it can no
     longer serve) also stops when that resolves, and the process exits 1."""
-    service = make(cfg)  # inside the event loop: a service may bind loop objects as it is built
-    await service.start()
+    # Signals first: one that comes while the service starts (its socket may already be there
+    # for clients to see) stops it once started, cleanly, instead of killing the process.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    service = make(cfg)  # inside the event loop: a service may bind loop objects as it is built
+    await service.start()
     failed: asyncio.Future[str] | None = getattr(service, "failed", None)
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if failed is not None:
