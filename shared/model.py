@@ -35,6 +35,26 @@ class JobUsage:
 
 
 @dataclass(frozen=True)
+class ResourceLimits:
+    """A job's cgroup limits. In a status 0 means no limit; in a start request 0 means "the
+    runner's default". CPU is in thousandths of a CPU; IO is on the disk behind /workspace."""
+
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    pids: int = 0
+    io_read_bps: int = 0
+    io_write_bps: int = 0
+    io_read_iops: int = 0
+    io_write_iops: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+LIMIT_NAMES = tuple(ResourceLimits.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class JobStatus:
     id: str
     type: str
@@ -49,6 +69,7 @@ class JobStatus:
     error: str = ""
     oom_killed: bool = False
     usage: JobUsage = field(default_factory=JobUsage)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,15 @@ from typing import Any, TypeAlias
 import msgpack
 
 from shared.errors import ErrorCode
-from shared.model import JobState, JobStatus, JobUsage, OutputChunk, Stream
+from shared.model import (
+    LIMIT_NAMES,
+    JobState,
+    JobStatus,
+    JobUsage,
+    OutputChunk,
+    ResourceLimits,
+    Stream,
+)
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_SIZE = 1 << 20  # bytes of one frame body; checked before the body is read
@@ -87,10 +95,14 @@ class Caller:
     role: str
 
 
+DEFAULT_LIMITS = ResourceLimits()
+
+
 @dataclass(frozen=True)
 class StartArgs:
     job_type: str
     args: Mapping[str, Any]
+    limits: ResourceLimits = DEFAULT_LIMITS  # 0: the runner's default
 
 
 @dataclass(frozen=True)
@@ -324,8 +336,13 @@ _CALLER = t_record({"user": t_str(MAX_NAME, 1), "role": t_str(MAX_NAME, 1)})
 _JOB_ID = t_str(MAX_NAME, 1)
 _TIME = t_optional(t_int(0, MAX_ID))
 
+MAX_LIMIT = 2**63 - 1
+_LIMITS = t_record({name: t_int(0, MAX_LIMIT) for name in LIMIT_NAMES})
+
 _OP_ARGS: dict[Op, Check] = {
-    Op.START: t_record({"job_type": t_str(MAX_NAME, 1), "args": t_job_args}),
+    Op.START: t_record(
+        {"job_type": t_str(MAX_NAME, 1), "args": t_job_args}, {"limits": t_optional(_LIMITS)}
+    ),
     Op.STOP: t_record({"job_id": _JOB_ID}),
     Op.STATUS: t_record({"job_id": _JOB_ID}),
     Op.LIST: t_record(
@@ -366,6 +383,7 @@ _JOB_STATUS = t_record(
         "error": t_str(MAX_MESSAGE),
         "oom_killed": t_bool,
         "usage": _USAGE,
+        "limits": _LIMITS,
     }
 )
 
@@ -442,18 +460,25 @@ def _status_to_wire(job: JobStatus) -> dict[str, Any]:
             "read_bytes": job.usage.read_bytes,
             "written_bytes": job.usage.written_bytes,
         },
+        "limits": job.limits.as_dict(),
     }
 
 
 def _status_from_wire(value: Any, path: str) -> JobStatus:
     d = _JOB_STATUS(value, path)
     d["usage"] = JobUsage(**d["usage"])
+    d["limits"] = ResourceLimits(**d["limits"])
     return JobStatus(**d)
+
+
+def _start_from_wire(d: dict[str, Any]) -> StartArgs:
+    limits = d.pop("limits", None)
+    return StartArgs(**d, limits=ResourceLimits(**limits) if limits else ResourceLimits())
 
 
 def _args_to_wire(args: OpArgs) -> dict[str, Any]:
     if isinstance(args, StartArgs):
-        return {"job_type": args.job_type, "args": dict(args.args)}
+        return {"job_type": args.job_type, "args": dict(args.args), "limits": args.limits.as_dict()}
     if isinstance(args, JobRef):
         return {"job_id": args.job_id}
     if isinstance(args, ListArgs):
@@ -469,7 +494,7 @@ def _args_to_wire(args: OpArgs) -> dict[str, Any]:
 
 
 _ARGS_FROM_WIRE: dict[Op, Callable[[dict[str, Any]], OpArgs]] = {
-    Op.START: lambda d: StartArgs(**d),
+    Op.START: _start_from_wire,
     Op.STOP: lambda d: JobRef(**d),
     Op.STATUS: lambda d: JobRef(**d),
     Op.LIST: lambda d: ListArgs(**d),

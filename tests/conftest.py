@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -153,12 +154,16 @@ class Daemon:
         )
         log.close()
         deadline = time.monotonic() + 20
-        while not self.config.socket.exists():
+        while not self._listening():  # a socket left by a killed runner exists, refusing
             if self.process.poll() is not None:
                 raise RuntimeError(f"runner exited: {self.log_path.read_text()}")
             if time.monotonic() > deadline:
                 raise RuntimeError("runner did not start")
             time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            return s.connect_ex(str(self.config.socket)) == 0
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import ids
-from shared.model import JobStatus, OutputChunk, Stream
+from shared.model import JobStatus, OutputChunk, ResourceLimits, Stream
 from workernator_runner import store
 from workernator_runner.manager import JobManager
 
@@ -21,10 +21,14 @@ def joined(chunks: list[OutputChunk], stream: Stream | None = Stream.STDOUT) -> 
 
 
 async def run_job(
-    m: JobManager, job_type: str, args: Mapping[str, Any] | None = None, owner: str = "alice"
+    m: JobManager,
+    job_type: str,
+    args: Mapping[str, Any] | None = None,
+    owner: str = "alice",
+    limits: ResourceLimits | None = None,
 ) -> tuple[JobStatus, bytes, bytes]:
     """Start a job, read its output to the end, and return (final status, stdout, stderr)."""
-    started = await m.start(job_type, args or {}, owner)
+    started = await m.start(job_type, args or {}, owner, limits or ResourceLimits())
     chunks = await collect(m, started.id)
     return m.status(started.id), joined(chunks), joined(chunks, Stream.STDERR)
 

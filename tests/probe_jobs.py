@@ -6,6 +6,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import signal
 import socket
@@ -348,6 +349,60 @@ def _listen(args: Mapping[str, Any]) -> None:
             print(json.dumps({"peer": peer[0]}), flush=True)
 
 
+def _burn(args: Mapping[str, Any]) -> None:
+    """Spin on the CPU for ``seconds`` of wall time."""
+    deadline = time.monotonic() + args["seconds"]
+    spins = 0
+    while time.monotonic() < deadline:
+        spins += 1
+    print(json.dumps({"spins": spins}), flush=True)
+
+
+def _hog(args: Mapping[str, Any]) -> None:
+    """Allocate and touch ``megabytes`` MiB, a MiB at a time, printing progress."""
+    held = []
+    for i in range(args["megabytes"]):
+        held.append(bytearray(1 << 20))  # zeroed: every page is written
+        if i % 16 == 15:
+            print(f"{i + 1} MiB", flush=True)
+    print("allocated all", flush=True)
+
+
+def _forkbomb(args: Mapping[str, Any]) -> None:
+    """Fork sleeping children until fork fails; print how many, then sleep ``seconds``."""
+    children = 0
+    error = ""
+    while children < args["most"]:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno or 0, str(exc))
+            break
+        if pid == 0:
+            time.sleep(3600)
+            os._exit(0)
+        children += 1
+    print(json.dumps({"children": children, "error": error}), flush=True)
+    time.sleep(args["seconds"])
+
+
+def _write(args: Mapping[str, Any]) -> None:
+    """Write ``megabytes`` MiB to /workspace (O_DIRECT, or buffered then fsync); print the
+    seconds it took."""
+    block = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT needs
+    block.write(b"x" * (1 << 20))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if args["direct"] else 0)
+    t0 = time.monotonic()
+    fd = os.open("/workspace/data", flags, 0o600)
+    try:
+        for _ in range(args["megabytes"]):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(json.dumps({"seconds": time.monotonic() - t0}), flush=True)
+
+
 _TEXT = ArgKind.STRING
 _CONNECT_ARGS = (
     ArgSpec("targets", _TEXT, "", required=False),
@@ -355,6 +410,28 @@ _CONNECT_ARGS = (
     ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
 )
 JOBS += (
+    Job(JobSpec("burn", "Burn", "spins", (ArgSpec("seconds", ArgKind.FLOAT, ""),)), _burn),
+    Job(JobSpec("hog", "Hog", "allocates", (ArgSpec("megabytes", ArgKind.INT, ""),)), _hog),
+    Job(
+        JobSpec(
+            "forkbomb",
+            "Fork bomb",
+            "forks until it cannot",
+            (ArgSpec("most", ArgKind.INT, ""), ArgSpec("seconds", ArgKind.FLOAT, "")),
+        ),
+        _forkbomb,
+        framed=False,
+    ),
+    Job(
+        JobSpec(
+            "write",
+            "Write",
+            "writes to /workspace",
+            (ArgSpec("megabytes", ArgKind.INT, ""), ArgSpec("direct", ArgKind.INT, "")),
+        ),
+        _write,
+        framed=False,
+    ),
     Job(
         JobSpec(
             "inspect",

@@ -19,6 +19,22 @@ Example (``/etc/workernator/runner.toml``)::
     egress_bridge = "wn0"                    # bridge for jobs with network access ("" = none)
     egress_subnet = "10.92.0.0/16"           # their addresses; the bridge takes the first
     resolv_conf = "/etc/resolv.conf"         # name servers for egress jobs
+
+    [limits]                                 # a job's cgroup: what it gets when it does not
+    cpu = 1.0                                # ask (CPUs), and the most it may ask for
+    cpu_max = 0                              # (_max; 0 = no maximum but the host's)
+    memory = "512M"                          # K, M, G, T are powers of 1024; swap is off
+    memory_max = 0
+    pids = 256                               # processes and threads
+    pids_max = 4096
+    io_read = 0                              # bytes/s on the disk behind the workspaces;
+    io_read_max = 0                          # 0 = unlimited
+    io_write = 0
+    io_write_max = 0
+    io_read_iops = 0
+    io_read_iops_max = 0
+    io_write_iops = 0
+    io_write_iops_max = 0
 """
 
 from __future__ import annotations
@@ -32,8 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.model import ResourceLimits
+from shared.units import parse_size
+from workernator_runner.limits import Policy
+
 DEFAULT_PATH = Path("/etc/workernator/runner.toml")
 DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
+DEFAULT_POLICY = Policy(maxima=ResourceLimits(pids=4096))
 
 
 class ConfigError(ValueError):
@@ -56,6 +77,7 @@ class RunnerConfig:
     egress_bridge: str = "wn0"
     egress_subnet: ipaddress.IPv4Network = DEFAULT_EGRESS_SUBNET
     resolv_conf: Path = Path("/etc/resolv.conf")
+    limits: Policy = DEFAULT_POLICY
 
     @property
     def jobs_dir(self) -> Path:
@@ -113,12 +135,63 @@ def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
     return value
 
 
+_LIMIT_KEYS = {
+    "cpu": "cpu_millis",
+    "memory": "memory_bytes",
+    "pids": "pids",
+    "io_read": "io_read_bps",
+    "io_write": "io_write_bps",
+    "io_read_iops": "io_read_iops",
+    "io_write_iops": "io_write_iops",
+}
+
+
+def _limit(key: str, value: Any, name: str) -> int:
+    if key == "cpu":
+        cpus = float(_expect(value, (int, float), name))
+        if not 0 <= cpus <= 1 << 20:
+            raise ConfigError(f"{name}: must be a number of CPUs, like 0.5")
+        return round(cpus * 1000)
+    if key in ("memory", "io_read", "io_write"):
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        size: int = _expect(value, int, name)
+        if size < 0:
+            raise ConfigError(f"{name}: must not be negative")
+        return size
+    count: int = _expect(value, int, name)
+    if count < 0:
+        raise ConfigError(f"{name}: must not be negative")
+    return count
+
+
+def _parse_limits(section: Any) -> Policy:
+    section = _expect(section, dict, "limits")
+    unknown = set(section) - set(_LIMIT_KEYS) - {f"{k}_max" for k in _LIMIT_KEYS}
+    if unknown:
+        raise ConfigError(f"[limits]: unknown key(s): {', '.join(sorted(unknown))}")
+    defaults = dict(DEFAULT_POLICY.defaults.as_dict())
+    maxima = dict(DEFAULT_POLICY.maxima.as_dict())
+    for key, value in section.items():
+        base = key.removesuffix("_max")
+        target = maxima if key.endswith("_max") else defaults
+        target[_LIMIT_KEYS[base]] = _limit(base, value, f"limits.{key}")
+    policy = Policy(ResourceLimits(**defaults), ResourceLimits(**maxima))
+    problem = policy.check()
+    if problem:
+        raise ConfigError(f"limits.{problem}")
+    return policy
+
+
 def parse(data: dict[str, Any]) -> RunnerConfig:
-    unknown_sections = set(data) - {"runner"}
+    unknown_sections = set(data) - {"runner", "limits"}
     if unknown_sections:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown_sections))}")
     section = data.get("runner", {})
-    known = set(RunnerConfig.__dataclass_fields__)
+    known = set(RunnerConfig.__dataclass_fields__) - {"limits"}
     unknown = set(section) - known
     if unknown:
         raise ConfigError(f"[runner]: unknown key(s): {', '.join(sorted(unknown))}")
@@ -178,6 +251,8 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             kw[key] = user
         else:
             kw[key] = _expect(value, str, name)
+    if "limits" in data:
+        kw["limits"] = _parse_limits(data["limits"])
     return RunnerConfig(**kw)
 
 

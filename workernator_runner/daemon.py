@@ -138,7 +138,7 @@ class _Session:
     async def execute(self, request: p.Request) -> None:
         m, args, rid = self.manager, request.args, request.id
         if isinstance(args, p.StartArgs):
-            job = await m.start(args.job_type, args.args, owner=request.caller.user)
+            job = await m.start(args.job_type, args.args, request.caller.user, args.limits)
             await self.send(p.JobReply(rid, job))
         elif isinstance(args, p.JobRef) and request.op is p.Op.STOP:
             job = await m.stop(args.job_id)

@@ -31,10 +31,13 @@ from typing import Any
 import msgpack
 
 from shared import ids
+from shared.model import LIMIT_NAMES, ResourceLimits
+from workernator_runner import cgroups
 
 MAX_MESSAGE = 64 * 1024
 MAX_HEADER = 1024
 MAX_GRACE_SECONDS = 3600.0
+NO_LIMITS = ResourceLimits()
 _HEADER_LEN = struct.Struct(">I")
 
 INIT = b"I"
@@ -68,6 +71,7 @@ class Init:
     user: str
     tmp_size_mb: int
     egress: EgressConfig | None
+    cgroups: cgroups.Layout
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class LaunchHeader:
     job_type: str
     grace_seconds: float
     address: str  # "10.92.0.2/16" for egress jobs, "" otherwise
+    limits: ResourceLimits = NO_LIMITS  # effective: 0 = no limit
 
 
 def _unpack(data: bytes | memoryview, limit: int) -> Any:
@@ -121,6 +126,12 @@ def encode_init(init: Init) -> bytes:
         "user": init.user,
         "tmp_size_mb": init.tmp_size_mb,
         "egress": egress,
+        "cgroups": {
+            "version": init.cgroups.version,
+            "jobs": dict(init.cgroups.jobs),
+            "io_devices": list(init.cgroups.io_devices),
+            "io_problem": init.cgroups.io_problem,
+        },
     }
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return INIT + packed
@@ -140,6 +151,7 @@ def decode_init(message: bytes) -> Init:
             "user": str,
             "tmp_size_mb": int,
             "egress": (dict, type(None)),
+            "cgroups": dict,
         },
         "init",
     )
@@ -155,6 +167,19 @@ def decode_init(message: bytes) -> Init:
             "init egress",
         )
         egress = EgressConfig(e["bridge"], e["subnet"], e["resolver"], e["resolv_conf"])
+    c = _fields(
+        data["cgroups"],
+        {"version": str, "jobs": dict, "io_devices": list, "io_problem": str},
+        "init cgroups",
+    )
+    if c["version"] not in ("v2", "hybrid", "v1") or not all(
+        isinstance(k, str) and isinstance(v, str) and v.startswith("/")
+        for k, v in c["jobs"].items()
+    ):
+        raise MessageError("init cgroups: bad version or directories")
+    if not c["jobs"] or not all(isinstance(d, str) for d in c["io_devices"]):
+        raise MessageError("init cgroups: no directories, or bad devices")
+    layout = cgroups.Layout(c["version"], c["jobs"], tuple(c["io_devices"]), c["io_problem"])
     return Init(
         runner_pid=data["runner_pid"],
         state_dir=data["state_dir"],
@@ -164,6 +189,7 @@ def decode_init(message: bytes) -> Init:
         user=data["user"],
         tmp_size_mb=data["tmp_size_mb"],
         egress=egress,
+        cgroups=layout,
     )
 
 
@@ -175,6 +201,7 @@ def encode_launch(header: LaunchHeader, args: Mapping[str, Any]) -> bytes:
             "type": header.job_type,
             "grace": float(header.grace_seconds),
             "address": header.address,
+            "limits": header.limits.as_dict(),
         },
         use_bin_type=True,
     )
@@ -197,9 +224,12 @@ def decode_launch_header(message: memoryview) -> tuple[LaunchHeader, int]:
         raise MessageError("launch header length out of bounds")
     data = _fields(
         _unpack(message[start : start + length], MAX_HEADER),
-        {"id": str, "type": str, "grace": float, "address": str},
+        {"id": str, "type": str, "grace": float, "address": str, "limits": dict},
         "launch",
     )
+    limits = _fields(data["limits"], dict.fromkeys(LIMIT_NAMES, int), "launch limits")
+    if not all(0 <= value < 2**63 for value in limits.values()):
+        raise MessageError("launch: a limit out of range")
     if not ids.is_job_id(data["id"]):
         raise MessageError("launch: bad job id")
     if not 0 <= data["grace"] <= MAX_GRACE_SECONDS:
@@ -209,7 +239,9 @@ def decode_launch_header(message: memoryview) -> tuple[LaunchHeader, int]:
             ipaddress.IPv4Interface(data["address"])
         except ValueError:
             raise MessageError("launch: bad address") from None
-    header = LaunchHeader(data["id"], data["type"], data["grace"], data["address"])
+    header = LaunchHeader(
+        data["id"], data["type"], data["grace"], data["address"], ResourceLimits(**limits)
+    )
     return header, start + length
 
 

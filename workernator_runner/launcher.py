@@ -86,6 +86,7 @@ class Launcher:
                 resolv_conf=self.egress.resolv_conf if self.egress is not None else None,
             ),
             egress=self.egress,
+            cgroups=init.cgroups,
         )
         _remove_dead_spares(self.host.workspaces_dir)
         self.notices, self.notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -33,14 +34,15 @@ from typing import Any
 
 from shared import ids, log
 from shared.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
-from shared.model import JobState, JobStatus, OutputChunk
-from workernator_runner import inotify, linux, network, store
+from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits
+from workernator_runner import cgroups, inotify, linux, network, store
 from workernator_runner import launch as wire
 from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import Network, Registry, load_registry
 from workernator_runner.launcher_client import Launcher
 
 START_TIMEOUT_SECONDS = 30.0
+NO_LIMITS = ResourceLimits()
 STOP_MARGIN_SECONDS = 10.0  # on top of the grace period, for the monitor to record the end
 WATCH_MASK = inotify.IN_MODIFY | inotify.IN_MOVED_TO | inotify.IN_ONLYDIR
 MAX_BATCH_BYTES = 256 * 1024
@@ -72,12 +74,15 @@ class JobManager:
         registry: Registry | None = None,
         *,
         on_launcher_exit: Callable[[str], None] | None = None,
+        use_freezer: bool = False,
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else load_registry(config.job_modules)
         self.egress: network.Egress | None = None
         self.egress_error = ""  # why egress jobs cannot start, when they cannot
         self._on_launcher_exit = on_launcher_exit
+        self._use_freezer = use_freezer  # kill as on a v1-only host (tests of hybrid hosts)
+        self.cgroups: cgroups.Layout | None = None
         self._launcher: Launcher | None = None
         self._jobs: dict[str, _Job] = {}
         self._by_wd: dict[int, _Job] = {}
@@ -94,6 +99,15 @@ class JobManager:
         uid, gid = cfg.job_ids()
         for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # First, and before the launcher: under systemd this moves the runner into its leaf.
+        self.cgroups = cgroups.detect(cfg.workspaces_dir, use_freezer=self._use_freezer)
+        log.info(
+            "runner starting",
+            cgroups=self.cgroups.describe(),
+            io_limits="on " + ",".join(self.cgroups.io_devices)
+            if self.cgroups.io_devices
+            else f"unavailable: {self.cgroups.io_problem}",
+        )
         egress = self._egress_plan()
         init = wire.Init(
             runner_pid=os.getpid(),
@@ -111,6 +125,7 @@ class JobManager:
                 str(egress.resolver) if egress.resolver is not None else "",
                 egress.resolv_conf,
             ),
+            cgroups=self.cgroups,
         )
         # Before any job is read: the launcher must never have seen anyone's data.
         self._launcher = await Launcher.spawn(init, self._launcher_exited)
@@ -155,6 +170,26 @@ class JobManager:
         if self.egress is not None:
             for name in network.remove_leftovers(self.egress, running):
                 log.info("removed a leftover veth", link=name)
+        assert self.cgroups is not None
+        kept = {job.state.cgroup for job in self._jobs.values() if not job.state.state.finished}
+        for name in self.cgroups.names():
+            pid = name.removeprefix(cgroups.NAME_PREFIX)
+            if name not in kept and not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                log.info("removing a leftover cgroup", cgroup=name)
+                self._remove_cgroup(name, kill=True)
+
+    def _remove_cgroup(self, name: str, *, kill: bool) -> None:
+        """Kill what is left in a job's cgroup (a lost job's) and remove it; logs a failure."""
+        if not name or self.cgroups is None:
+            return
+        try:
+            cgroup = self.cgroups.job(name)
+            if kill:
+                cgroup.kill()
+                cgroup.wait_empty(5.0)
+            cgroup.remove()
+        except (OSError, ValueError) as exc:
+            log.error("cannot remove a cgroup", cgroup=name, error=str(exc))
 
     async def close(self) -> None:
         """Stop serving. Running jobs go on: their monitors do not depend on this process."""
@@ -178,7 +213,7 @@ class JobManager:
     def _load(self, job_dir: Path) -> None:
         try:
             request = store.read_request(job_dir)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("skipping unreadable job", dir=str(job_dir), error=str(exc))
             return
         job = _Job(request, store.StateFile(), job_dir)
@@ -315,6 +350,7 @@ class JobManager:
         if job.state.state.finished:
             return
         _kill_job_init(job.state)
+        self._remove_cgroup(job.state.cgroup, kill=True)
         shutil.rmtree(self.config.workspaces_dir / job.request.id, ignore_errors=True)
         if self.egress is not None and job.request.address:
             with contextlib.suppress(OSError):
@@ -335,7 +371,23 @@ class JobManager:
         return job
 
     def status(self, job_id: str) -> JobStatus:
-        return self._get(job_id).status
+        """The job's status; a running job's usage is read from its cgroup now (lists show
+        what was recorded: the usage of jobs that ended)."""
+        job = self._get(job_id)
+        status = job.status
+        if status.state.finished or not job.state.cgroup or self.cgroups is None:
+            return status
+        try:
+            usage = self.cgroups.job(job.state.cgroup).usage()
+        except (OSError, ValueError):  # it has just ended: what it recorded comes next
+            return status
+        return dataclasses.replace(
+            status,
+            usage=JobUsage(
+                usage.cpu_ns, usage.peak_memory_bytes, usage.read_bytes, usage.written_bytes
+            ),
+            oom_killed=usage.oom_killed,
+        )
 
     def list(
         self, owner: str | None = None, after: tuple[int, str] | None = None
@@ -350,13 +402,23 @@ class JobManager:
             and (after is None or _list_order(j) > after)
         ]
 
-    async def start(self, job_type: str, args: Mapping[str, Any], owner: str) -> JobStatus:
-        """Start a job; returns once it runs in its sandbox, or raises with nothing left
-        behind (no process, directory, workspace or veth)."""
+    async def start(
+        self,
+        job_type: str,
+        args: Mapping[str, Any],
+        owner: str,
+        limits: ResourceLimits = NO_LIMITS,
+    ) -> JobStatus:
+        """Start a job under ``limits`` (0: the default); returns once it runs in its sandbox,
+        or raises with nothing left behind (no process, directory, workspace, veth, cgroup)."""
         job_spec = self.registry.lookup(job_type)
         clean_args = job_spec.spec.validate(args)
         if not owner:
             raise InvalidArgument("owner must not be empty")
+        effective = self.config.limits.effective(limits)
+        assert self.cgroups is not None
+        if _has_io_limits(effective) and not self.cgroups.io_devices:
+            raise FailedPrecondition(f"IO limits cannot apply: {self.cgroups.io_problem}")
         egress = job_spec.network is Network.EGRESS
         if egress and self.egress is None:
             raise FailedPrecondition(
@@ -376,10 +438,11 @@ class JobManager:
             time.time_ns(),
             network=job_spec.network.value,
             address=str(address) if address is not None else "",
+            limits=effective,
         )
         job = _Job(request, store.StateFile(), job_dir)
         header = wire.LaunchHeader(
-            job_id, job_type, self.config.stop_grace_seconds, request.address
+            job_id, job_type, self.config.stop_grace_seconds, request.address, effective
         )
         try:
             # Not synced to disk now: the monitor does that when the job ends.
@@ -537,6 +600,12 @@ def _expect_state(job_dir: Path) -> store.StateFile:
     if state is None:
         raise Internal("the job's monitor reported a start but recorded no state")
     return state
+
+
+def _has_io_limits(limits: ResourceLimits) -> bool:
+    return bool(
+        limits.io_read_bps or limits.io_write_bps or limits.io_read_iops or limits.io_write_iops
+    )
 
 
 def _kill_job_init(state: store.StateFile) -> None:

@@ -30,12 +30,12 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from shared import ids
-from shared.model import JobState, Stream
+from shared.model import JobState, ResourceLimits, Stream
+from shared.units import format_size
+from workernator_runner import cgroups, linux, network, sandbox, store
 from workernator_runner import launch as wire
-from workernator_runner import linux, network, sandbox, store
 from workernator_runner.jobs import Job, Network
 
 PARTIAL_LINE_FLUSH_SECONDS = 0.05  # a line without its newline yet is written after this long
@@ -58,6 +58,7 @@ class Host:
     workspaces_dir: Path
     sandbox: sandbox.Sandbox
     egress: network.Egress | None
+    cgroups: cgroups.Layout
 
 
 class StartFailed(Exception):
@@ -122,6 +123,7 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         job_pid=job.init_pid,
         job_start=job.init_start,
         boot_id=linux.boot_id(),
+        cgroup=job.cgroup.name,
     )
     try:
         job.hand_over(header, message[args_start:])  # the init goes on with its part...
@@ -150,10 +152,11 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     _tell(notify, TOOK + pid + job_id.encode())  # now the launcher may fork the next spare
 
     pump = _Pump(output_fd)
-    wait_status, rusage = job.supervise(wake_r, pump, state, header.grace_seconds)
+    wait_status = job.supervise(wake_r, pump, state, header.grace_seconds)
     pump.flush_all()
+    usage = job.finish()
     job.cleanup()
-    _finish(state, wait_status, rusage, pump.write_error)
+    _finish(state, wait_status, usage, pump.write_error, header.limits)
     store.sync_file(job_dir / store.JOB_FILE)  # written quickly at the start; now for keeps
     store.write_state(job_dir, state)
     return 0
@@ -215,6 +218,8 @@ class _Job:
         self.job_id = ""
         self.init_pid = 0
         self.init_start = self.monitor_start = 0
+        self.cgroup = host.cgroups.job(f"{cgroups.NAME_PREFIX}{os.getpid()}")
+        self.cgroup_made = False
         self.pidfd = -1
         self.out_r = self.err_r = -1
         self.channel: socket.socket | None = None
@@ -229,6 +234,8 @@ class _Job:
         self.workspace = host.workspaces_dir / f"{SPARE_PREFIX}{os.getpid()}"
         os.mkdir(self.workspace, 0o700)
         os.chown(self.workspace, host.sandbox.uid, host.sandbox.gid)
+        self.cgroup.create()
+        self.cgroup_made = True
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -237,7 +244,8 @@ class _Job:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            sandbox.init(host.sandbox, str(self.workspace), out_w, err_w, theirs)
+            procs = self.cgroup.procs_files()
+            sandbox.init(host.sandbox, str(self.workspace), procs, out_w, err_w, theirs)
         os.close(out_w)
         os.close(err_w)
         theirs.close()
@@ -277,6 +285,10 @@ class _Job:
             raise StartFailed("egress networking is not available in this runner")
         if egress != bool(header.address):
             raise StartFailed("the job's address does not fit its network mode")
+        try:
+            self.cgroup.set_limits(header.limits)  # before the job process may go on
+        except cgroups.CgroupError as exc:
+            raise StartFailed(str(exc)) from None
         gateway = ""
         if host.egress is not None and egress:
             network.attach(host.egress, header.job_id, self.init_pid)
@@ -309,8 +321,23 @@ class _Job:
                 os.waitpid(self.init_pid, 0)
         self.cleanup()
 
+    def finish(self) -> cgroups.Usage:
+        """Once the init is gone: what the cgroup counted, once it is empty (it is by now:
+        the init's end took every process of the namespace with it)."""
+        if not self.cgroup.wait_empty(5.0):
+            self.cgroup.kill()
+            self.cgroup.wait_empty(5.0)
+        return self.cgroup.usage()
+
     def cleanup(self) -> None:
-        """Remove what the job had on the host: its veth and its workspace."""
+        """Remove what the job had on the host: its cgroup, veth and workspace."""
+        if self.cgroup_made:
+            with contextlib.suppress(OSError):
+                self.cgroup.kill()
+                self.cgroup.wait_empty(5.0)
+            with contextlib.suppress(OSError):
+                self.cgroup.remove()
+            self.cgroup_made = False
         if self.veth and self.host.egress is not None:
             with contextlib.suppress(OSError):
                 network.detach(self.host.egress, self.job_id)
@@ -320,14 +347,14 @@ class _Job:
 
     def supervise(
         self, wake_r: int, pump: _Pump, state: store.StateFile, grace_seconds: float
-    ) -> tuple[int, Any]:
-        """Pump output until the job ended and its pipes closed; returns (wait status, rusage)
-        of the job's main process (the rusage covers every process the job had)."""
+    ) -> int:
+        """Pump output until the job ended and its pipes closed; returns the wait status of the
+        job's main process."""
         assert self.channel is not None
         sel = self.selector
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         open_pipes = 2
-        result: tuple[int, Any] | None = None
+        result: int | None = None
         kill_at: float | None = None
         drain_until: float | None = None
         while open_pipes or result is None:
@@ -346,8 +373,8 @@ class _Job:
                         open_pipes -= 1
                 elif what == "exit":
                     # The init is gone, and with it every process of the job.
-                    _, init_status, rusage = os.wait4(self.init_pid, 0)
-                    result = (self._job_status(init_status), rusage)
+                    _, init_status = os.waitpid(self.init_pid, 0)
+                    result = self._job_status(init_status)
                     sel.unregister(self.pidfd)
                     os.close(self.pidfd)
                     kill_at = None
@@ -361,7 +388,9 @@ class _Job:
             now = time.monotonic()
             pump.flush_due(now)
             if kill_at is not None and now >= kill_at:
-                self._signal_init(signal.SIGKILL)
+                self._signal_init(signal.SIGKILL)  # its namespace goes with it...
+                with contextlib.suppress(OSError):
+                    self.cgroup.kill()  # ...and everything in its cgroup
                 kill_at = None
             if drain_until is not None and now >= drain_until:
                 break  # something outside the job holds the pipes; stop waiting
@@ -449,24 +478,33 @@ def _describe_status(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _finish(state: store.StateFile, wait_status: int, rusage: Any, write_error: str) -> None:
+def _finish(
+    state: store.StateFile,
+    wait_status: int,
+    usage: cgroups.Usage,
+    write_error: str,
+    limits: ResourceLimits,
+) -> None:
     state.ended_ns = time.time_ns()
     state.usage = {
-        "cpu_ns": int((rusage.ru_utime + rusage.ru_stime) * 1e9),
-        "peak_memory_bytes": rusage.ru_maxrss * 1024,
-        "read_bytes": rusage.ru_inblock * 512,
-        "written_bytes": rusage.ru_oublock * 512,
+        "cpu_ns": usage.cpu_ns,
+        "peak_memory_bytes": usage.peak_memory_bytes,
+        "read_bytes": usage.read_bytes,
+        "written_bytes": usage.written_bytes,
     }
+    state.oom_killed = usage.oom_killed
     if os.WIFSIGNALED(wait_status):
         state.signal = os.WTERMSIG(wait_status)
         detail = f"killed by signal {state.signal} ({signal.Signals(state.signal).name})"
     else:
         state.exit_code = os.WEXITSTATUS(wait_status)
         detail = f"exited with status {state.exit_code}"
+    if usage.oom_killed:
+        detail += f"; out of memory (its limit is {format_size(limits.memory_bytes)})"
     if state.stop_requested:
         state.state = JobState.STOPPED
         state.error = f"stopped by request; {detail}"
-    elif state.exit_code == 0:
+    elif state.exit_code == 0 and not usage.oom_killed:
         state.state = JobState.COMPLETED
     else:
         state.state = JobState.FAILED

@@ -126,10 +126,15 @@ class JobSetup:
 
 
 def init(
-    sandbox: Sandbox, workspace: str, out_w: int, err_w: int, channel: socket.socket
+    sandbox: Sandbox,
+    workspace: str,
+    cgroup: list[str],
+    out_w: int,
+    err_w: int,
+    channel: socket.socket,
 ) -> NoReturn:
-    """PID 1 of a sandbox's namespaces; ``workspace`` is its /workspace on the host. Never
-    returns."""
+    """PID 1 of a sandbox's namespaces; ``workspace`` is its /workspace on the host,
+    ``cgroup`` the ``cgroup.procs`` files of its cgroup. Never returns."""
     try:
         # Die with the monitor (nobody else could stop this job or keep its output).
         linux.set_parent_death_signal(signal.SIGKILL)
@@ -137,7 +142,7 @@ def init(
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         linux.close_fds_except({0, 1, 2, out_w, err_w, channel.fileno()})
-        _join_cgroup()
+        _join_cgroup(cgroup)
         linux.unshare(NAMESPACES)
         network.configure_inside(None, None)  # loopback up
         rootfs.prepare(
@@ -232,10 +237,16 @@ def _ignore(signum: int, frame: object) -> None:
     """Installed for forwarded signals; they are taken with sigwaitinfo, never delivered."""
 
 
-def _join_cgroup() -> None:
+def _join_cgroup(procs_files: list[str]) -> None:
     """Cgroup placement: the first step, so that every process of the sandbox is in its cgroup
-    (and the cgroup namespace made next is rooted there) before any job code can run. The
-    resource-control issue fills this in."""
+    in every hierarchy (and the cgroup namespace made next is rooted there) before any job code
+    can run: the job process is forked later, inside."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")  # this process
+        finally:
+            os.close(fd)
 
 
 def _peer_alive(channel: socket.socket) -> bool:

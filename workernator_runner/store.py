@@ -21,13 +21,14 @@ from typing import Any
 
 import msgpack
 
-from shared.model import JobState, JobStatus, JobUsage, OutputChunk, Stream
+from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits, Stream
 
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 OUTPUT_FILE = "output"
 
 MAX_RECORD_DATA = 64 * 1024  # bytes of output in one record
+NO_LIMITS = ResourceLimits()
 READ_SIZE = 64 * 1024
 MAX_BATCH_CHUNKS = 1024  # records in one batch; with the byte limit, a batch fits one frame
 
@@ -43,6 +44,7 @@ class JobRequest:
     created_ns: int
     network: str = "none"  # the job type's network mode when the job started
     address: str = ""  # its address with prefix length ("10.92.0.2/16"), egress jobs only
+    limits: ResourceLimits = NO_LIMITS  # what it runs under (0 = no limit)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class StateFile:
     error: str = ""
     stop_requested: bool = False
     usage: dict[str, int] = field(default_factory=dict)
+    cgroup: str = ""  # its cgroup's name in every hierarchy (see cgroups.py)
+    oom_killed: bool = False
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
@@ -100,6 +104,7 @@ def write_request(job_dir: Path, request: JobRequest, *, durable: bool = True) -
             "created_ns": request.created_ns,
             "network": request.network,
             "address": request.address,
+            "limits": request.limits.as_dict(),
         },
         durable=durable,
     )
@@ -115,6 +120,7 @@ def read_request(job_dir: Path) -> JobRequest:
         created_ns=int(data["created_ns"]),
         network=str(data.get("network", "none")),
         address=str(data.get("address", "")),
+        limits=ResourceLimits(**{k: int(v) for k, v in data.get("limits", {}).items()}),
     )
 
 
@@ -154,7 +160,9 @@ def to_status(request: JobRequest, state: StateFile) -> JobStatus:
         exit_code=state.exit_code,
         signal=state.signal,
         error=state.error,
+        oom_killed=state.oom_killed,
         usage=JobUsage(**state.usage),
+        limits=request.limits,
     )
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -19,6 +20,7 @@ from shared.model import JobState
 from tests.conftest import Daemon
 from tests.helpers import process_gone
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
+from workernator_runner import cgroups, store
 from workernator_runner.config import RunnerConfig
 
 USER = ("alice", "user")
@@ -403,3 +405,42 @@ async def test_a_peer_that_stops_reading_cannot_hold_up_shutdown(daemon: Daemon)
         t0 = time.monotonic()
         await asyncio.to_thread(daemon.stop)
         assert time.monotonic() - t0 < 10
+
+
+async def test_a_runner_killed_and_restarted_keeps_running_jobs_cgroups_only(
+    daemon: Daemon,
+) -> None:
+    async with RunnerClient(daemon.config.socket) as client:
+        kept = await client.start(*USER, "drip", {"count": 1, "interval": 60})
+        lost = await client.start(*USER, "drip", {"count": 1, "interval": 60})
+    kept_state = store.read_state(daemon.config.jobs_dir / kept.id)
+    lost_state = store.read_state(daemon.config.jobs_dir / lost.id)
+    assert kept_state is not None and lost_state is not None
+    layout = cgroups.detect(daemon.config.workspaces_dir)
+    kept_cgroup, lost_cgroup = layout.job(kept_state.cgroup), layout.job(lost_state.cgroup)
+    assert daemon.process is not None
+    daemon.process.kill()  # no clean shutdown
+    await asyncio.to_thread(daemon.process.wait)
+    daemon.process = None
+    os.kill(lost_state.monitor_pid, signal.SIGKILL)  # this job dies meanwhile, uncleanly
+    await _until(lambda: not lost_cgroup.populated())
+    assert _cgroup_exists(lost_cgroup)  # nobody removed it
+    daemon.start()
+    async with RunnerClient(daemon.config.socket) as client:
+        assert (await client.status(*USER, lost.id)).state is JobState.FAILED
+        assert not _cgroup_exists(lost_cgroup)  # removed at start
+        assert (await client.status(*USER, kept.id)).state is JobState.RUNNING
+        assert kept_cgroup.populated()  # kept, with its processes
+        await client.stop(*USER, kept.id)
+    assert not _cgroup_exists(kept_cgroup)
+
+
+def _cgroup_exists(cgroup: cgroups.JobCgroup) -> bool:
+    return any(os.path.exists(path) for path in cgroup.dirs.values())
+
+
+async def _until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)

@@ -33,6 +33,7 @@ class Footprint:
     launcher_descendants: int  # the spare sandboxes' processes, once they are all ready
     open_fds: int  # of the runner (this test process)
     workspaces: tuple[str, ...]
+    cgroups: int  # the spare sandboxes' only, once they are all ready
 
 
 def _descendants(pid: int) -> list[int]:
@@ -86,6 +87,7 @@ def footprint(m: JobManager, lab: EgressLab) -> Footprint:
         launcher_descendants=len(_descendants(launcher.process.pid)),
         open_fds=len(os.listdir("/proc/self/fd")),
         workspaces=tuple(job_workspaces(m)),
+        cgroups=len(m.cgroups.names()) if m.cgroups is not None else -1,
     )
 
 

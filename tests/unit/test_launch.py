@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import ids
-from workernator_runner import launch
+from shared.model import ResourceLimits
+from workernator_runner import cgroups, launch
 from workernator_runner.sandbox import MSG_JOB, JobSetup
 
 EGRESS = launch.EgressConfig(
@@ -22,6 +23,13 @@ EGRESS = launch.EgressConfig(
     resolver="127.0.0.53",
     resolv_conf="nameserver 10.92.0.1\noptions edns0 trust-ad\n",
 )
+CGROUPS = cgroups.Layout(
+    "hybrid",
+    {"memory": "/sys/fs/cgroup/memory/workernator/jobs", "unified": "/sys/fs/cgroup/unified/x"},
+    ("254:0",),
+    "",
+)
+V2 = cgroups.Layout("v2", {"unified": "/sys/fs/cgroup/workernator/jobs"}, (), "no disk")
 INIT = launch.Init(
     runner_pid=4242,
     state_dir="/var/lib/workernator",
@@ -31,6 +39,7 @@ INIT = launch.Init(
     user="workernator-job",
     tmp_size_mb=64,
     egress=EGRESS,
+    cgroups=CGROUPS,
 )
 HEADER = launch.LaunchHeader("XE38YM", "fib", 5.0, "10.92.0.2/16")
 ARGS: dict[str, Any] = {"position": 3, "nested": {"list": [1, "two", 3.5, None, True]}}
@@ -43,12 +52,19 @@ VALID_INIT_BODY: dict[str, Any] = {
     "user": "job",
     "tmp_size_mb": 64,
     "egress": None,
+    "cgroups": {
+        "version": "v2",
+        "jobs": {"unified": "/sys/fs/cgroup/workernator/jobs"},
+        "io_devices": [],
+        "io_problem": "no disk",
+    },
 }
 VALID_HEADER_BODY: dict[str, Any] = {
     "id": "XE38YM",
     "type": "noop",
     "grace": 1.0,
     "address": "",
+    "limits": ResourceLimits().as_dict(),
 }
 
 
@@ -81,9 +97,9 @@ def _init_error(message: bytes) -> str:
     "init",
     [
         INIT,
-        launch.Init(1, "/s", (), 1, 1, "u", 1, None),
-        launch.Init(2**31, "/s", ("a",), 2**32 - 2, 2**32 - 2, "ü", 1 << 20, EGRESS),
-        launch.Init(1, "/s", (), 1, 1, "u", 1, launch.EgressConfig("b", "10.0.0.0/28", "", "")),
+        launch.Init(1, "/s", (), 1, 1, "u", 1, None, V2),
+        launch.Init(2**31, "/s", ("a",), 2**32 - 2, 2**32 - 2, "ü", 1 << 20, EGRESS, V2),
+        launch.Init(1, "/s", (), 1, 1, "u", 1, launch.EgressConfig("b", "10.0.0.0/28", "", ""), V2),
     ],
     ids=["full", "no egress", "large values", "egress without resolver"],
 )
@@ -335,7 +351,7 @@ def test_malformed_init_messages_are_refused(message: bytes, error: str) -> None
 def test_the_valid_init_body_used_above_is_valid() -> None:
     """The malformed cases above are one change away from this one, which decodes."""
     init = launch.decode_init(_init_with())
-    assert init == launch.Init(1, "/s", (), 1000, 1000, "job", 64, None)
+    assert init == launch.Init(1, "/s", (), 1000, 1000, "job", 64, None, V2)
     assert launch.decode_init(_init_with(egress=_EGRESS_BODY)).egress == launch.EgressConfig(
         "wn0", "10.92.0.0/16", "", ""
     )
@@ -428,7 +444,7 @@ def _check_all(data: bytes) -> None:
 
 VALID_MESSAGES = [
     launch.encode_init(INIT),
-    launch.encode_init(launch.Init(1, "/s", (), 1, 1, "u", 1, None)),
+    launch.encode_init(launch.Init(1, "/s", (), 1, 1, "u", 1, None, V2)),
     launch.encode_launch(HEADER, ARGS),
     launch.encode_launch(launch.LaunchHeader("000000", "noop", 0.0, ""), {}),
     launch.encode_cancel("XE38YM"),
