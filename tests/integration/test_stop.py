@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from shared.model import JobState
 from tests.helpers import collect, job_namespace, joined, namespace_members
+from workernator_runner import store
 from workernator_runner.manager import JobManager
 
 
@@ -75,10 +77,15 @@ async def test_stop_kills_daemons_that_escaped_the_session(manager: JobManager) 
     job = await manager.start("daemonize", {"seconds": 3600}, "alice")
     namespace = job_namespace(manager, job.id)
     await _first_lines(manager, job.id, 1)
+    state = store.read_state(manager.config.jobs_dir / job.id)
+    assert state is not None and manager.cgroups is not None
+    cgroup = manager.cgroups.job(state.cgroup)
+    assert len(cgroup.pids()) == 3  # init, job, daemon
     stopped = await manager.stop(job.id)
     assert stopped.state is JobState.STOPPED
     assert stopped.signal == 15  # the main process took the SIGTERM; the daemon ignored it
     assert namespace_members(namespace) == []
+    assert not any(map(_exists, cgroup.dirs.values()))  # gone with it
 
 
 async def test_stop_twice_and_stop_of_a_finished_job_are_not_errors(
@@ -146,3 +153,7 @@ async def test_a_lost_job_is_failed_without_killing_a_process_that_reused_its_pi
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
