@@ -3,6 +3,7 @@
 ::
 
     workernator jobs start fib 3            start a job (noop, fib, eval, wait)
+    workernator jobs start fib 3 --cpu 0.5 --memory 256M    ... with resource limits
     workernator jobs status ID              how a job is doing, or how it ended
     workernator jobs tail ID                its output, from the first byte, following it
     workernator jobs stop ID                stop it
@@ -100,6 +101,8 @@ class Settings:
     ca: str | None = None
     config: str | None = None
     output: str = "text"
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The resource limits ``jobs start`` asks for, by ResourceLimits field (none: defaults)."""
 
     @property
     def json(self) -> bool:
@@ -602,6 +605,110 @@ def job_id_argument(f: _F) -> _F:
     )(f)
 
 
+def _limit(
+    field: str, parse: Callable[[str], int]
+) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
+    """The callback of a limit option: parse the value, or a usage error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            number = parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+        _settings(ctx).limits[field] = number
+        return number
+
+    return callback
+
+
+def _complete_size(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """A number completes to that number with each unit: 256 -> 256K, 256M, 256G, 256T."""
+    if not re.fullmatch(r"\d+(?:\.\d+)?", incomplete, re.ASCII):
+        return []
+    return [
+        CompletionItem(f"{incomplete}{unit}", help=f"{incomplete} {unit}iB")
+        for unit in ("K", "M", "G", "T")
+    ]
+
+
+_SIZE_HELP = (
+    "SIZE is bytes, or a number with K, M, G or T, which are powers of 1024 (K = 1024 bytes; "
+    "KiB, MiB, GiB, TiB also work)"
+)
+
+# The resource limits of ``jobs start``: (option, ResourceLimits field, metavar, parser, help).
+_LIMIT_OPTIONS: tuple[tuple[str, str, str, Callable[[str], int], str], ...] = (
+    (
+        "--cpu",
+        "cpu_millis",
+        "CPUS",
+        fmt.parse_cpu,
+        "CPU time the job may use, in CPUs: 0.5 is half a CPU, 2 is two (at most 3 decimals).",
+    ),
+    (
+        "--memory",
+        "memory_bytes",
+        "SIZE",
+        fmt.parse_size,
+        f"Memory the job may use, like 256M or 1.5G (swap is off). {_SIZE_HELP}.",
+    ),
+    (
+        "--pids",
+        "pids",
+        "N",
+        lambda text: fmt.parse_count(text, fmt.MAX_PIDS),
+        "Processes and threads the job may have at once.",
+    ),
+    (
+        "--io-read",
+        "io_read_bps",
+        "SIZE",
+        fmt.parse_size,
+        "Bytes per second the job may read from disk, like 10M.",
+    ),
+    (
+        "--io-write",
+        "io_write_bps",
+        "SIZE",
+        fmt.parse_size,
+        "Bytes per second the job may write to disk, like 10M.",
+    ),
+    (
+        "--io-read-iops",
+        "io_read_iops",
+        "N",
+        fmt.parse_count,
+        "Disk reads per second the job may do.",
+    ),
+    (
+        "--io-write-iops",
+        "io_write_iops",
+        "N",
+        fmt.parse_count,
+        "Disk writes per second the job may do.",
+    ),
+)
+
+
+def limit_options(f: _F) -> _F:
+    """The resource limit options of every ``jobs start`` command (see :data:`_LIMIT_OPTIONS`)."""
+    for name, field, metavar, parse, help_text in reversed(_LIMIT_OPTIONS):
+        f = click.option(
+            name,
+            metavar=metavar,
+            default=None,
+            expose_value=False,
+            callback=_limit(field, parse),
+            shell_complete=_complete_size if metavar == "SIZE" else None,
+            help=help_text,
+        )(f)
+    return f
+
+
 # --- workernator ------------------------------------------------------------------------------
 
 
@@ -658,20 +765,32 @@ def start() -> None:
 
     The server validates the arguments (a bad one is an error naming it) before anything
     runs. 'workernator jobs types' shows the limits of each argument.
+
+    \b
+    Every job type takes resource limits (see 'workernator jobs start fib -h'):
+      --cpu 0.5  --memory 256M  --pids 64  --io-read 10M  --io-write 10M
+      --io-read-iops N  --io-write-iops N
+
+    Sizes are bytes, or a number with K, M, G or T, which are powers of 1024 (K = 1024 bytes).
+    A limit left out takes the server's default; one over the server's maximum is an error
+    naming it. 'workernator jobs status -v ID' shows the limits a job got.
     """
 
 
 def _start(ctx: click.Context, request: pb.StartJobRequest) -> None:
     settings = _settings(ctx)
+    if settings.limits:
+        request.limits.CopyFrom(pb.ResourceLimits(**settings.limits))
     with connect(settings) as api:
         job = api.start(request)
     if settings.json:
-        _print_json(fmt.message_to_dict(job))
+        _print_json(fmt.job_to_dict(job))
     else:
         click.echo(fmt.format_started(job, prog=PROG))
 
 
 @start.command("noop", short_help="(no arguments) A job that does nothing and prints nothing.")
+@limit_options
 @client_options
 @click.pass_context
 def start_noop(ctx: click.Context) -> None:
@@ -693,6 +812,7 @@ def _position(ctx: click.Context, param: click.Parameter, value: str) -> int:
     "fib", short_help="POSITION  The POSITION-th Fibonacci number (1 -> 0, 2 -> 1, 10 -> 34)."
 )
 @click.argument("position", callback=_position)
+@limit_options
 @client_options
 @click.pass_context
 def start_fib(ctx: click.Context, position: int) -> None:
@@ -725,6 +845,7 @@ def _variables(
     callback=_variables,
     help="Value of a variable of the expression (repeat for each variable).",
 )
+@limit_options
 @client_options
 @click.pass_context
 def start_eval(ctx: click.Context, expression: str, variables: dict[str, float]) -> None:
@@ -748,6 +869,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
 @start.command("wait", short_help="SECONDS URL  Wait, then send an empty HTTP POST to URL.")
 @click.argument("seconds", callback=_seconds)
 @click.argument("url")
+@limit_options
 @client_options
 @click.pass_context
 def start_wait(ctx: click.Context, seconds: float, url: str) -> None:
@@ -764,13 +886,21 @@ def start_wait(ctx: click.Context, seconds: float, url: str) -> None:
 
 @jobs.command("status", short_help="Show how a job is doing, or how it ended.")
 @job_id_argument
-@click.option("-v", "--verbose", is_flag=True, help="Also show owner, limits and resource usage.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also show the owner, the resource limits, the resource usage and OOM kills.",
+)
 @client_options
 @click.pass_context
 def status(ctx: click.Context, job_id: str, verbose: bool) -> None:
     """Show how a job is doing, or how it ended.
 
-    On a terminal a progress line comes first; piped, only the status block is printed.
+    On a terminal a progress line comes first; piped, only the status block is printed. With -v
+    it also shows the owner, the limits the job runs under (only those set: CPU, memory,
+    processes, disk rates), what it used (CPU time, peak memory, bytes read and written) and
+    "Out of memory: yes" when the kernel's OOM killer killed a process of the job.
     """
     settings = _settings(ctx)
     progress = not settings.json and _isatty(sys.stdout)
@@ -786,7 +916,7 @@ def status(ctx: click.Context, job_id: str, verbose: bool) -> None:
         if progress:
             click.echo("DONE!\n")
     if settings.json:
-        _print_json(fmt.message_to_dict(job))
+        _print_json(fmt.job_to_dict(job))
     else:
         click.echo(fmt.format_status(job, verbose=verbose))
 
@@ -804,7 +934,7 @@ def stop(ctx: click.Context, job_id: str) -> None:
     with connect(settings, job_id=job_id) as api:
         job = api.stop(job_id)
     if settings.json:
-        _print_json(fmt.message_to_dict(job))
+        _print_json(fmt.job_to_dict(job))
     elif job.state == pb.JOB_STATE_STOPPED:
         click.echo(f"Stopped job {job.id}.")
     else:
@@ -940,7 +1070,7 @@ def list_jobs(ctx: click.Context, state: str | None, owner: str | None) -> None:
             _STATES[state.lower()] if state else pb.JOB_STATE_UNSPECIFIED, owner or ""
         )
     if settings.json:
-        _print_json({"jobs": [fmt.message_to_dict(job) for job in found]})  # all pages
+        _print_json({"jobs": [fmt.job_to_dict(job) for job in found]})  # all pages
     elif not found:
         click.echo("No jobs.")
     else:

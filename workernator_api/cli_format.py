@@ -2,8 +2,9 @@
 
 Nothing here does I/O or talks to the API, so every function is easy to test on its own: the
 status block of ``workernator jobs status``, the table of ``workernator jobs list``, durations
-("2 minutes 5 seconds"), the duration syntax of ``wait`` (``1m30s``), ``--var NAME=VALUE``, and
-the JSON shapes of ``--output json``.
+("2 minutes 5 seconds"), the duration syntax of ``wait`` (``1m30s``), ``--var NAME=VALUE``, the
+resource limits of ``jobs start`` (``--cpu 0.5``, ``--memory 256M``), and the JSON shapes of
+``--output json``.
 
 Times are shown in the local time zone (``TZ``), at one-second resolution.
 """
@@ -16,7 +17,8 @@ import math
 import re
 import signal
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 from google.protobuf import json_format
@@ -24,11 +26,14 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared import catalog, expr
+from shared import catalog, expr, units
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 __all__ = [
     "ARGUMENT_LABELS",
+    "MAX_CPU_MILLIS",
+    "MAX_LIMIT",
+    "MAX_PIDS",
     "STATE_LABELS",
     "TYPE_NAMES",
     "chunk_to_dict",
@@ -41,8 +46,12 @@ __all__ = [
     "format_timestamp",
     "format_value",
     "job_duration",
+    "job_to_dict",
     "message_to_dict",
+    "parse_count",
+    "parse_cpu",
     "parse_duration",
+    "parse_size",
     "parse_variable",
     "parse_variables",
 ]
@@ -78,6 +87,13 @@ _CLI_USAGE: Mapping[str, str] = {
     "eval": "EXPRESSION [--var NAME=VALUE]...",
     "wait": "SECONDS URL",
 }
+
+MAX_LIMIT = 2**63 - 1
+"""The largest limit the API takes (it refuses 2^63 and more, which the runner cannot take)."""
+MAX_CPU_MILLIS = 2**32 - 1
+"""The largest ``cpu_millis`` (a uint32 in the API): about 4.3 million CPUs."""
+MAX_PIDS = 2**32 - 1
+"""The largest ``pids`` (a uint32 in the API)."""
 
 _VALUE_COLUMN = 12  # "Status:     Complete": values start in this column (or later, see below)
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -183,6 +199,55 @@ def parse_variables(texts: Iterable[str]) -> dict[str, float]:
     return out
 
 
+# --- resource limits --------------------------------------------------------------------------
+
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
+_MAX_DIGITS = 40  # longer numbers are refused before they are converted
+
+
+def parse_size(text: str, maximum: int = MAX_LIMIT) -> int:
+    """Bytes in ``text`` (see :func:`shared.units.parse_size`)."""
+    return units.parse_size(text, maximum)
+
+
+def parse_cpu(text: str) -> int:
+    """Thousandths of a CPU (``cpu_millis``) in a number of CPUs: ``0.5`` -> 500, ``2`` -> 2000.
+    More than 0, at most 3 decimals (``0.001`` is the smallest step), at most
+    :data:`MAX_CPU_MILLIS` / 1000 CPUs; :class:`ValueError` with a message for people
+    otherwise."""
+    shown = text.strip()
+    if not _DECIMAL.fullmatch(shown):
+        raise ValueError(f"{text!r} is not a number of CPUs (like 0.5 or 2)")
+    if len(shown) > _MAX_DIGITS:
+        raise ValueError(f"{shown!r} has too many digits")
+    millis = Fraction(shown) * 1000
+    if millis <= 0:
+        raise ValueError(f"{shown!r} must be more than 0")
+    if millis.denominator != 1:
+        raise ValueError(f"{shown!r} has more than 3 decimals (the smallest step is 0.001 CPU)")
+    if millis > MAX_CPU_MILLIS:
+        raise ValueError(
+            f"{shown!r} is too large: at most {format_value(MAX_CPU_MILLIS / 1000)} CPUs"
+        )
+    return int(millis)
+
+
+def parse_count(text: str, maximum: int = MAX_LIMIT) -> int:
+    """A whole number more than 0 and at most ``maximum`` (processes, operations per second);
+    :class:`ValueError` with a message for people otherwise."""
+    shown = text.strip()
+    if not shown.isascii() or not shown.isdigit():
+        raise ValueError(f"{text!r} is not a whole number")
+    if len(shown) > _MAX_DIGITS:
+        raise ValueError(f"{shown!r} has too many digits")
+    count = int(shown)
+    if count <= 0:
+        raise ValueError(f"{shown!r} must be more than 0")
+    if count > maximum:
+        raise ValueError(f"{shown!r} is too large: at most {maximum}")
+    return count
+
+
 # --- values -----------------------------------------------------------------------------------
 
 
@@ -246,15 +311,7 @@ def format_value(value: float) -> str:
 
 def format_bytes(count: int) -> str:
     """A size in binary units: ``512 B``, ``4 KiB``, ``1.5 MiB``."""
-    if count < 1024:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    text = f"{value:.1f}".removesuffix(".0")
-    return f"{text} {unit}"
+    return units.format_size(count)
 
 
 def job_duration(job: pb.JobStatus, now: datetime.datetime) -> float | None:
@@ -310,32 +367,43 @@ def _argument_lines(job: pb.JobStatus) -> list[tuple[str, str]]:
     return []
 
 
-def _usage_lines(job: pb.JobStatus) -> list[tuple[str, str]]:
-    lines = [("Owner", job.owner or "-")]
-    limits = job.limits
-    parts = []
-    if limits.cpu_millis:
-        parts.append(f"CPU {format_value(limits.cpu_millis / 1000)}")
-    if limits.memory_bytes:
-        parts.append(f"memory {format_bytes(limits.memory_bytes)}")
-    if limits.pids:
-        parts.append(_plural(limits.pids, "process"))
-    if limits.io_read_bps:
-        parts.append(f"read {format_bytes(limits.io_read_bps)}/s")
-    if limits.io_write_bps:
-        parts.append(f"write {format_bytes(limits.io_write_bps)}/s")
-    lines.append(("Limits", ", ".join(parts) or "none"))
-    usage = job.usage
-    cpu = _duration_seconds(usage.cpu_time)
-    lines.append(
-        (
-            "Usage",
-            f"CPU {format_duration(cpu, precise=True)}, "
-            f"peak memory {format_bytes(usage.peak_memory_bytes)}, "
-            f"read {format_bytes(usage.read_bytes)}, written {format_bytes(usage.written_bytes)}",
-        )
-    )
-    return lines
+def _limit_lines(limits: pb.ResourceLimits) -> list[tuple[str, str]]:
+    """The limits that are set (0 is no limit), in the order of the proto."""
+    values: list[tuple[str, int, Callable[[int], str]]] = [
+        ("CPU", limits.cpu_millis, lambda n: format_value(n / 1000)),
+        ("Memory", limits.memory_bytes, format_bytes),
+        ("Processes", limits.pids, str),
+        ("Disk read", limits.io_read_bps, lambda n: f"{format_bytes(n)}/s"),
+        ("Disk write", limits.io_write_bps, lambda n: f"{format_bytes(n)}/s"),
+        ("Disk read IOPS", limits.io_read_iops, str),
+        ("Disk write IOPS", limits.io_write_iops, str),
+    ]
+    return [(label, show(value)) for label, value, show in values if value]
+
+
+def _usage_lines(usage: pb.ResourceUsage) -> list[tuple[str, str]]:
+    return [
+        ("CPU time", format_duration(_duration_seconds(usage.cpu_time), precise=True)),
+        ("Peak memory", format_bytes(usage.peak_memory_bytes)),
+        ("Disk read", format_bytes(usage.read_bytes)),
+        ("Disk written", format_bytes(usage.written_bytes)),
+    ]
+
+
+def _block(heading: str, lines: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """``Heading:`` and its lines indented under it, or ``Heading:  none`` without lines."""
+    if not lines:
+        return [(f"{heading}:", "none")]
+    return [(f"{heading}:", None), *((f"  {label}:", value) for label, value in lines)]
+
+
+def _resource_rows(job: pb.JobStatus) -> list[tuple[str, str | None]]:
+    rows: list[tuple[str, str | None]] = [("Owner:", job.owner or "-")]
+    rows += _block("Limits", _limit_lines(job.limits))
+    rows += _block("Usage", _usage_lines(job.usage))
+    if job.oom_killed:
+        rows.append(("Out of memory:", "yes"))
+    return rows
 
 
 def _aligned(rows: Sequence[tuple[str, str | None]]) -> list[str]:
@@ -362,21 +430,22 @@ def format_status(
         Duration:   1 second
 
     A failed job adds ``Error:``, ``Exit code:`` and ``Signal:`` lines when it has them; a running
-    job shows ``Finished:   -`` and its duration so far. ``verbose`` adds owner, limits and
-    resource usage.
+    job shows ``Finished:   -`` and its duration so far.
+
+    ``verbose`` adds ``Owner:``; a ``Limits:`` block with the limits that are set (``CPU: 0.5``,
+    ``Memory: 256 MiB``, ``Processes: 64``, ``Disk read: 10 MiB/s``, ``Disk write:``,
+    ``Disk read IOPS:``, ``Disk write IOPS:``), or ``Limits: none``; a ``Usage:`` block (CPU
+    time, peak memory, bytes read from and written to disk); and ``Out of memory: yes`` when the
+    kernel's OOM killer killed a process of the job. Every value is in the same column, as
+    above, so a long label moves the column of the whole block.
     """
     now = now if now is not None else datetime.datetime.now(datetime.UTC)
     rows: list[tuple[str, str | None]] = []
-    arguments = _argument_lines(job)
-    if arguments:
-        rows.append(("Arguments:", None))
-        rows += [(f"  {label}:", value) for label, value in arguments]
-    else:
-        rows.append(("Arguments:", "none"))
+    rows += _block("Arguments", _argument_lines(job))
     rows.append(("Status:", _state_label(job.state)))
     if job.state == pb.JOB_STATE_FAILED:
         errors = [job.error] if job.error else []
-        if job.oom_killed:
+        if job.oom_killed and "out of memory" not in job.error.lower():  # unless it says so
             errors.append("killed by the kernel's OOM killer (memory limit reached)")
         if errors:
             rows.append(("Error:", "; ".join(errors)))
@@ -391,7 +460,7 @@ def format_status(
     duration = job_duration(job, now)
     rows.append(("Duration:", format_duration(duration) if duration is not None else "-"))
     if verbose:
-        rows += [(f"{label}:", value) for label, value in _usage_lines(job)]
+        rows += _resource_rows(job)
     return "\n".join([f"Job {job.id}: {_job_title(job)}", *_aligned(rows)])
 
 
@@ -486,6 +555,16 @@ def message_to_dict(message: Message) -> dict[str, Any]:
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+
+
+def job_to_dict(job: pb.JobStatus) -> dict[str, Any]:
+    """The JSON shape of a job: :func:`message_to_dict`, with ``limits`` and ``usage`` always
+    there (all zero when the server sent none), like ``oom_killed``."""
+    out = pb.JobStatus()
+    out.CopyFrom(job)
+    out.limits.SetInParent()
+    out.usage.cpu_time.SetInParent()
+    return message_to_dict(out)
 
 
 def chunk_to_dict(chunk: pb.OutputChunk, next_offset: int | None = None) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.model import JobState, JobStatus, OutputChunk, Stream
+from shared.errors import InvalidArgument
+from shared.model import LIMIT_NAMES, JobState, JobStatus, OutputChunk, ResourceLimits, Stream
+from shared.protocol import MAX_LIMIT
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 JOB_TYPES: dict[str, pb.JobType] = {
@@ -27,6 +29,11 @@ STATE_NAMES: dict[pb.JobState, JobState] = {v: k for k, v in STATES.items()}
 STREAMS: dict[Stream, pb.Stream] = {
     Stream.STDOUT: pb.STREAM_STDOUT,
     Stream.STDERR: pb.STREAM_STDERR,
+}
+# The largest value of each ResourceLimits field of the proto (cpu_millis and pids are uint32).
+_PROTO_LIMIT_MAX = {
+    field.name: 2**32 - 1 if field.type == field.TYPE_UINT32 else 2**64 - 1
+    for field in pb.ResourceLimits.DESCRIPTOR.fields
 }
 
 
@@ -49,6 +56,28 @@ def start_request_args(request: pb.StartJobRequest) -> tuple[str, dict[str, Any]
     wait = request.wait
     seconds = wait.seconds.seconds + wait.seconds.nanos / 1e9 if wait.HasField("seconds") else None
     return "wait", {"seconds": seconds, "url": wait.url or None}
+
+
+def start_request_limits(request: pb.StartJobRequest) -> ResourceLimits:
+    """The limits a StartJobRequest asks for; a zero field (or no limits) is the runner's default.
+
+    Only what the runner protocol cannot carry is refused here (a value of 2^63 or more, like an
+    offset); the runner checks its own maxima and names the limit when it refuses one.
+    """
+    values = {name: getattr(request.limits, name) for name in LIMIT_NAMES}
+    for name, value in values.items():
+        if value > MAX_LIMIT:
+            raise InvalidArgument(f"limit '{name}' is too large: {value} (at most 2^63-1)")
+    return ResourceLimits(**values)
+
+
+def resource_limits(limits: ResourceLimits) -> pb.ResourceLimits:
+    """A job's effective limits (0: no limit) for the API. A value too large for its proto field
+    (only possible for cpu_millis and pids, from a runner setting) is shown as the largest one,
+    which is no limit in practice, rather than failing every status of the job."""
+    return pb.ResourceLimits(
+        **{name: min(value, _PROTO_LIMIT_MAX[name]) for name, value in limits.as_dict().items()}
+    )
 
 
 def _timestamp(ns: int | None) -> Timestamp | None:
@@ -80,7 +109,7 @@ def job_status(job: JobStatus, title: str) -> pb.JobStatus:
             read_bytes=job.usage.read_bytes,
             written_bytes=job.usage.written_bytes,
         ),
-        limits=pb.ResourceLimits(),
+        limits=resource_limits(job.limits),
     )
     if job.exit_code is not None:
         out.exit_code = job.exit_code

@@ -18,7 +18,7 @@ from typing import Any
 from shared import log
 from shared import protocol as p
 from shared.errors import Internal, WorkernatorError, error_from_code
-from shared.model import JobStatus, OutputChunk
+from shared.model import JobStatus, OutputChunk, ResourceLimits
 
 QUEUE_DEPTH = 2  # replies buffered per request before the connection stops being read
 CONNECT_TIMEOUT_SECONDS = 5.0  # connecting and the hello exchange, together
@@ -261,10 +261,18 @@ class RunnerClient:
     # --- operations ---------------------------------------------------------------------------
 
     async def start(
-        self, user: str, role: str, job_type: str, args: Mapping[str, Any]
+        self,
+        user: str,
+        role: str,
+        job_type: str,
+        args: Mapping[str, Any],
+        limits: ResourceLimits = p.DEFAULT_LIMITS,
     ) -> JobStatus:
-        reply = await self._unary(p.Op.START, user, role, p.StartArgs(job_type, dict(args)))
-        return _job(reply)
+        """Start a job under ``limits`` (a 0 field: the runner's default). The runner refuses
+        a limit over its maximum (``InvalidArgument`` naming it) and IO limits it cannot apply
+        (``FailedPrecondition``); the job's status carries the limits it got."""
+        request = p.StartArgs(job_type, dict(args), limits)
+        return _job(await self._unary(p.Op.START, user, role, request))
 
     async def stop(self, user: str, role: str, job_id: str) -> JobStatus:
         return _job(await self._unary(p.Op.STOP, user, role, p.JobRef(job_id)))

@@ -196,7 +196,8 @@ class JobService(pb_grpc.JobServiceServicer):
             job_type, args = convert.start_request_args(request)
             spec = catalog.BUILTIN[job_type]
             clean = spec.validate(args)  # precise errors here, before the runner is asked
-            job = await runner.start(identity.user, identity.role, job_type, clean)
+            limits = convert.start_request_limits(request)  # the runner checks its maxima
+            job = await runner.start(identity.user, identity.role, job_type, clean, limits)
             log.info("job started", job=job.id, type=job_type, user=identity.user)
             return pb.StartJobResponse(job=convert.job_status(job, spec.title))
 

@@ -153,11 +153,13 @@ def _limit(key: str, value: Any, name: str) -> int:
             raise ConfigError(f"{name}: must be a number of CPUs, like 0.5")
         return round(cpus * 1000)
     if key in ("memory", "io_read", "io_write"):
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip() != "0":
             try:
                 return parse_size(value)
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+        if isinstance(value, str):
+            return 0
         size: int = _expect(value, int, name)
         if size < 0:
             raise ConfigError(f"{name}: must not be negative")

@@ -155,6 +155,27 @@ async def test_invalid_arguments_are_invalid_argument_naming_the_argument(
     assert message in str(exc.value.details())
 
 
+async def test_start_with_limits_returns_the_effective_limits(clients: dict[str, Client]) -> None:
+    """A StartJob with limits returns a status whose limits echo the effective ones: what was
+    asked for, the runner's defaults in place of zero fields. GetJobStatus and ListJobs agree,
+    and the job runs under them."""
+    alice = clients["alice"]
+    defaults = (await alice.start(noop=pb.NoopArgs())).limits  # nothing asked: every default
+    asked = pb.ResourceLimits(cpu_millis=500, memory_bytes=256 << 20, pids=64)
+    job = await alice.start(fib=pb.FibArgs(position=3), limits=asked)
+    expected = pb.ResourceLimits()
+    expected.CopyFrom(defaults)
+    expected.MergeFrom(asked)  # the fields set in asked (proto3: the non-zero ones) win
+    assert job.limits == expected
+    assert (await alice.status(job.id)).limits == expected
+    assert [j.limits for j in await alice.list() if j.id == job.id] == [expected]
+    assert b"[RESULT] 1\n" in await alice.tail(job.id, follow=True)
+    done = await alice.status(job.id)
+    assert done.state == pb.JOB_STATE_COMPLETED and not done.oom_killed
+    assert done.limits == expected
+    assert done.HasField("usage")
+
+
 async def test_every_role_against_every_method(clients: dict[str, Client]) -> None:
     admin, alice, bob, carol = (clients[u] for u in ("admin", "alice", "bob", "carol"))
     job = await alice.start(wait=pb.WaitArgs(seconds=Duration(seconds=60), url="http://x/"))

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 
 from shared import protocol as p
 from shared.errors import ErrorCode
-from shared.model import JobState, JobStatus, OutputChunk, Stream
+from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits, Stream
 from workernator_api import certs, convert, server
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
@@ -29,6 +29,8 @@ from workernator_api.runner_client import RunnerClient, RunnerUnavailable
 Code = grpc.StatusCode
 USERS = [("alice", "user"), ("bob", "user"), ("root", "admin")]
 JOB = "JOB001"
+STARTED = "NEW001"
+DEFAULTS = ResourceLimits(cpu_millis=1000, memory_bytes=512 << 20, pids=256)
 
 
 @dataclass
@@ -44,6 +46,8 @@ class FakeRunner:
     mode: str = "serve"
     ignore: set[str] = field(default_factory=set)
     jobs: dict[str, JobStatus] = field(default_factory=dict)
+    started: list[p.StartArgs] = field(default_factory=list)  # every start request
+    start_error: tuple[ErrorCode, str] | None = None  # the answer to a start, if not a job
     in_flight: int = 0
     most_in_flight: int = 0
     _server: asyncio.Server | None = None
@@ -124,6 +128,14 @@ class FakeRunner:
             return [*replies, p.End(rid)]
         if isinstance(args, p.TypesArgs):
             return [p.TypesReply(rid, [])]
+        if isinstance(args, p.StartArgs):
+            self.started.append(args)
+            if self.start_error is not None:
+                return [p.ErrorReply(rid, *self.start_error)]
+            asked = args.limits.as_dict()  # 0 takes the default, as the runner does
+            limits = replace(DEFAULTS, **{k: v for k, v in asked.items() if v})
+            started = job(STARTED, request.caller.user, args.job_type)
+            return [p.JobReply(rid, replace(started, args=args.args, limits=limits))]
         return [p.ErrorReply(rid, ErrorCode.INTERNAL, "not scripted")]
 
 
@@ -196,6 +208,89 @@ async def failure(call: Any) -> grpc.aio.AioRpcError:
 
 def status_request(job_id: str = JOB) -> pb.GetJobStatusRequest:
     return pb.GetJobStatusRequest(job_id=job_id)
+
+
+# --- resource limits: StartJob passes them on, the status brings back what the job got --------
+
+
+async def test_start_passes_the_limits_to_the_runner(tmp: Path, pki: certs.Deployment) -> None:
+    asked = ResourceLimits(
+        cpu_millis=500,
+        memory_bytes=256 << 20,
+        pids=0,  # the runner's default
+        io_read_bps=10 << 20,
+        io_write_bps=0,
+        io_read_iops=100,
+        io_write_iops=200,
+    )
+    async with running(tmp, pki) as api:
+        stub = api.stub("alice")
+        request = pb.StartJobRequest(
+            fib=pb.FibArgs(position=3), limits=pb.ResourceLimits(**asked.as_dict())
+        )
+        response: pb.StartJobResponse = await stub.StartJob(request)
+        plain: pb.StartJobResponse = await stub.StartJob(pb.StartJobRequest(noop=pb.NoopArgs()))
+    assert [(a.job_type, a.limits) for a in api.runner.started] == [
+        ("fib", asked),
+        ("noop", ResourceLimits()),  # no limits in the request: every one the default
+    ]
+    assert response.job.limits == pb.ResourceLimits(**(asked.as_dict() | {"pids": DEFAULTS.pids}))
+    assert response.job.fib.position == 3
+    assert plain.job.limits == pb.ResourceLimits(**DEFAULTS.as_dict())
+
+
+async def test_status_and_list_carry_limits_usage_and_oom(tmp: Path, pki: certs.Deployment) -> None:
+    limits = ResourceLimits(cpu_millis=250, memory_bytes=64 << 20, pids=32, io_write_iops=5)
+    usage = JobUsage(cpu_ns=120_000_000, peak_memory_bytes=63 << 20, read_bytes=1, written_bytes=2)
+    async with running(tmp, pki) as api:
+        api.runner.jobs[JOB] = replace(
+            api.runner.jobs[JOB], limits=limits, usage=usage, oom_killed=True
+        )
+        stub = api.stub("alice")
+        status: pb.GetJobStatusResponse = await stub.GetJobStatus(status_request())
+        listed: pb.ListJobsResponse = await stub.ListJobs(pb.ListJobsRequest())
+    for found in (status.job, *listed.jobs):
+        assert found.limits == pb.ResourceLimits(**limits.as_dict())
+        assert found.oom_killed is True
+        assert found.usage.cpu_time.ToMilliseconds() == 120
+        assert found.usage.peak_memory_bytes == 63 << 20
+        assert (found.usage.read_bytes, found.usage.written_bytes) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "grpc_code"),
+    [
+        (
+            ErrorCode.INVALID_ARGUMENT,
+            "limit 'memory': 8 GiB is over the runner's maximum of 2 GiB",
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            ErrorCode.FAILED_PRECONDITION,
+            "IO limits cannot be applied: no disk under the workspaces",
+            Code.FAILED_PRECONDITION,
+        ),
+    ],
+)
+async def test_the_runners_refusal_of_a_limit_reaches_the_client(
+    tmp: Path, pki: certs.Deployment, code: ErrorCode, message: str, grpc_code: Code
+) -> None:
+    async with running(tmp, pki) as api:
+        api.runner.start_error = (code, message)
+        request = pb.StartJobRequest(limits=pb.ResourceLimits(memory_bytes=8 << 30))
+        error = await failure(api.stub("alice").StartJob(request))
+    assert (error.code(), error.details()) == (grpc_code, message)
+
+
+async def test_a_limit_the_runner_protocol_cannot_carry_is_refused_by_the_api(
+    tmp: Path, pki: certs.Deployment
+) -> None:
+    async with running(tmp, pki) as api:
+        request = pb.StartJobRequest(limits=pb.ResourceLimits(io_write_bps=2**64 - 1))
+        error = await failure(api.stub("alice").StartJob(request))
+        assert api.runner.started == []  # the runner was not asked
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert error.details() == f"limit 'io_write_bps' is too large: {2**64 - 1} (at most 2^63-1)"
 
 
 # --- the runner connection --------------------------------------------------------------------

@@ -152,6 +152,21 @@ def test_invalid_arguments_are_rejected_naming_them(
     one_line_error(wn(stack, "alice", "jobs", "start", *args), argument)
 
 
+def test_start_with_limits_and_status_shows_them(stack: Stack) -> None:
+    job_id = start(stack, "alice", "fib", "3", "--cpu", "0.5", "--memory", "256M", "--pids", "64")
+    wait_until_ended(stack, "alice", job_id)
+    data = status(stack, "alice", job_id)
+    assert (data["limits"]["cpu_millis"], data["limits"]["memory_bytes"]) == (500, str(256 << 20))
+    assert data["limits"]["pids"] == 64
+    assert data["oom_killed"] is False and "peak_memory_bytes" in data["usage"]
+    lines = ok(stack, "alice", "jobs", "status", job_id, "-v").splitlines()
+    limits = lines[lines.index("Limits:") + 1 : lines.index("Usage:")]
+    assert [line.split(":")[0] for line in limits][:3] == ["  CPU", "  Memory", "  Processes"]
+    assert [line.split()[-1] for line in limits][:3] == ["0.5", "MiB", "64"]
+    assert "256 MiB" in limits[1]
+    assert "Out of memory" not in lines[-1]
+
+
 def test_usage_error_is_clicks(stack: Stack) -> None:
     proc = wn(stack, "alice", "jobs", "start", "fib")
     assert proc.returncode == 2

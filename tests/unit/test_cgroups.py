@@ -281,14 +281,14 @@ def test_a_policy_checks_itself(policy: Policy, problem: str) -> None:
         ("2GiB", 2 << 30),
         ("64k", 64 << 10),
         ("1T", 1 << 40),
-        (" 8 MB ", 8 * MiB),
+        (" 8 MiB ", 8 * MiB),
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "-1", "1X", "1.2.3", "ten", "1 M B"])
+@pytest.mark.parametrize("text", ["", "M", "-1", "1X", "1.2.3", "ten", "1 M B", "1GB", "8 MB"])
 def test_parse_size_refuses_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)

@@ -85,6 +85,8 @@ class FakeService:
             started_at=started,
         )
         getattr(job, arm).CopyFrom(getattr(request, arm))
+        if request.HasField("limits"):  # the effective limits: here, what was asked for
+            job.limits.CopyFrom(request.limits)
         self.jobs[job.id] = job
         return pb.StartJobResponse(job=job)
 
@@ -289,6 +291,37 @@ def test_every_jobs_command_takes_the_connection_options() -> None:
             assert option in text, (args, option)
 
 
+LIMIT_OPTIONS = (
+    "--cpu",
+    "--memory",
+    "--pids",
+    "--io-read",
+    "--io-write",
+    "--io-read-iops",
+    "--io-write-iops",
+)
+
+
+def test_every_start_command_takes_the_limit_options() -> None:
+    for arm in ("noop", "fib", "eval", "wait"):
+        text = run(["jobs", "start", arm, "--help"]).stdout
+        for option in LIMIT_OPTIONS:
+            assert f"\n  {option} " in text, (arm, option)
+        flat = " ".join(text.split())
+        assert "--cpu CPUS CPU time the job may use, in CPUs: 0.5 is half a CPU" in flat
+        assert "--memory SIZE Memory the job may use, like 256M or 1.5G" in flat
+        assert "which are powers of 1024 (K = 1024 bytes; KiB, MiB, GiB, TiB also work)" in flat
+        assert "--io-read SIZE Bytes per second the job may read from disk" in flat
+        assert "--pids N Processes and threads" in flat
+    group = " ".join(run(["jobs", "start", "--help"]).stdout.split())
+    assert "--cpu 0.5 --memory 256M --pids 64 --io-read 10M --io-write 10M" in group
+    assert "powers of 1024 (K = 1024 bytes)" in group
+    assert "takes the server's default" in group
+    status_help = " ".join(run(["jobs", "status", "--help"]).stdout.split())
+    assert "-v, --verbose Also show the owner, the resource limits" in status_help
+    assert '"Out of memory: yes"' in status_help
+
+
 def test_tail_help_documents_where_the_end_message_goes() -> None:
     text = " ".join(run(["jobs", "tail", "--help"]).stdout.split())
     assert "Job finished, no more output, exiting tail!" in text
@@ -320,6 +353,7 @@ def test_tail_help_documents_where_the_end_message_goes() -> None:
         (["jobs", "tail", "ABC", "--last", "1", "--offset", "2"], "cannot be used together"),
         (["jobs", "list", "--state", "sleeping"], "Invalid value for '--state'"),
         (["jobs", "start", "sleep"], "No such command 'sleep'"),
+        (["jobs", "start", "noop", "--cpu"], "Option '--cpu' requires an argument"),
         (["certs", "init", "d", "--user", "alice"], "is not USER:ROLE"),
         (["certs", "client", "alice"], "Missing option '--role'"),
     ],
@@ -329,6 +363,44 @@ def test_usage_errors_exit_2_with_clicks_message(args: list[str], message: str) 
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--cpu", "0"], "Invalid value for '--cpu': '0' must be more than 0"),
+        (["--cpu", "-0.5"], "Invalid value for '--cpu': '-0.5' must be more than 0"),
+        (
+            ["--cpu", "0.0005"],
+            "Invalid value for '--cpu': '0.0005' has more than 3 decimals "
+            "(the smallest step is 0.001 CPU)",
+        ),
+        (["--cpu", "half"], "Invalid value for '--cpu': 'half' is not a number of CPUs"),
+        (
+            ["--memory", "12Q"],
+            "Invalid value for '--memory': '12Q' is not a size: give bytes, or a number with "
+            "K, M, G or T (powers of 1024: K = 1024), like 256M or 1.5G",
+        ),
+        (["--memory", "1GB"], "Invalid value for '--memory': '1GB' is not a size"),
+        (["--memory", "0"], "Invalid value for '--memory': '0' must be more than 0"),
+        (["--io-read", "1.5"], "Invalid value for '--io-read': '1.5' is not a whole number"),
+        (["--io-write", "9000000T"], "Invalid value for '--io-write': '9000000T' is too large"),
+        (["--pids", "many"], "Invalid value for '--pids': 'many' is not a whole number"),
+        (["--pids", "4294967296"], "Invalid value for '--pids': '4294967296' is too large"),
+        (["--io-read-iops", "0"], "Invalid value for '--io-read-iops': '0' must be more than 0"),
+        (["--io-write-iops", "1k"], "Invalid value for '--io-write-iops': '1k' is not a whole"),
+    ],
+)
+def test_bad_limits_are_one_line_usage_errors(
+    args: list[str], error: str, fake: tuple[FakeService, str], env: dict[str, str | None]
+) -> None:
+    result = run(["jobs", "start", "fib", "3", *args], env)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"Error: {error}")
+    assert "Traceback" not in result.output
+    assert fake[0].requests == []  # nothing was sent
 
 
 # --- settings: flags, environment, config file ------------------------------------------------
@@ -488,6 +560,120 @@ def test_start_sends_typed_arguments(
         assert isinstance(request, pb.StartJobRequest)
         assert (request.wait.seconds.seconds, request.wait.seconds.nanos) == (seconds, nanos)
         assert request.wait.url == "http://h/"
+
+
+def test_start_sends_the_limits(fake: tuple[FakeService, str], env: dict[str, str | None]) -> None:
+    service = fake[0]
+    result = run(
+        [
+            "jobs",
+            "start",
+            "fib",
+            "3",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "256M",
+            "--pids",
+            "64",
+            "--io-read",
+            "10MiB",
+            "--io-write",
+            "1.5g",
+            "--io-read-iops",
+            "100",
+            "--io-write-iops",
+            "200",
+        ],
+        env,
+    )
+    assert result.exit_code == 0, result.output
+    assert service.requests[-1] == pb.StartJobRequest(
+        fib=pb.FibArgs(position=3),
+        limits=pb.ResourceLimits(
+            cpu_millis=500,
+            memory_bytes=256 << 20,
+            pids=64,
+            io_read_bps=10 << 20,
+            io_write_bps=3 << 29,
+            io_read_iops=100,
+            io_write_iops=200,
+        ),
+    )
+    # Every job type takes them; the ones not given stay 0 (the server's default).
+    for args in (
+        ["noop"],
+        ["eval", "1+1", "--var", "x=1"],
+        ["wait", "5", "http://h/"],
+    ):
+        assert run(["jobs", "start", *args, "--memory", "1G", "--cpu", "2"], env).exit_code == 0
+        request = service.requests[-1]
+        assert isinstance(request, pb.StartJobRequest)
+        assert request.WhichOneof("args") == args[0]
+        assert request.limits == pb.ResourceLimits(cpu_millis=2000, memory_bytes=1 << 30)
+    assert run(["jobs", "start", "noop"], env).exit_code == 0
+    assert not service.requests[-1].HasField("limits")  # none given: none sent
+
+
+def test_the_servers_limit_errors_are_one_line(
+    fake: tuple[FakeService, str], env: dict[str, str | None]
+) -> None:
+    message = "limit 'memory': 8 GiB is over the runner's maximum of 2 GiB"
+    fake[0].fail = (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert_one_line_error(run(["jobs", "start", "noop", "--memory", "8G"], env), message)
+    refused = "IO limits cannot be applied: no disk to throttle"
+    fake[0].fail = (grpc.StatusCode.FAILED_PRECONDITION, refused)
+    result = run(["jobs", "start", "noop", "--io-read", "1M"], env)
+    assert_one_line_error(result, f"failed_precondition: {refused}")
+
+
+def test_status_verbose_and_json_show_limits_usage_and_oom(
+    fake: tuple[FakeService, str], env: dict[str, str | None]
+) -> None:
+    run(["jobs", "start", "fib", "3", "--cpu", "0.5", "--memory", "256M", "--pids", "64"], env)
+    job = fake[0].jobs["XE38YM"]
+    job.usage.peak_memory_bytes = 3 << 20
+    job.usage.cpu_time.FromMilliseconds(120)
+    job.oom_killed = True
+    lines = run(["jobs", "status", "XE38YM", "-v"], env).stdout.splitlines()
+    assert lines[7:] == [
+        "Owner:          alice",
+        "Limits:",
+        "  CPU:          0.5",
+        "  Memory:       256 MiB",
+        "  Processes:    64",
+        "Usage:",
+        "  CPU time:     120 ms",
+        "  Peak memory:  3 MiB",
+        "  Disk read:    0 B",
+        "  Disk written: 0 B",
+        "Out of memory:  yes",
+    ]
+    plain = run(["jobs", "status", "XE38YM"], env).stdout
+    assert "Limits" not in plain and "Out of memory" not in plain
+    data = json.loads(run(["jobs", "status", "XE38YM", "-o", "json"], env).stdout)
+    assert data["oom_killed"] is True
+    assert data["limits"] == {
+        "cpu_millis": 500,
+        "memory_bytes": str(256 << 20),
+        "pids": 64,
+        "io_read_bps": "0",
+        "io_write_bps": "0",
+        "io_read_iops": "0",
+        "io_write_iops": "0",
+    }
+    assert data["usage"] == {
+        "cpu_time": "0.120s",
+        "peak_memory_bytes": str(3 << 20),
+        "read_bytes": "0",
+        "written_bytes": "0",
+    }
+    listed = json.loads(run(["jobs", "list", "-o", "json"], env).stdout)["jobs"]
+    assert [(j["limits"], j["usage"], j["oom_killed"]) for j in listed] == [
+        (data["limits"], data["usage"], True)
+    ]
+    started = json.loads(run(["jobs", "start", "noop", "-o", "json"], env).stdout)
+    assert started["limits"]["cpu_millis"] == 0 and started["oom_killed"] is False
 
 
 def test_invalid_argument_is_the_servers_message(env: dict[str, str | None]) -> None:
@@ -813,6 +999,28 @@ def test_job_ids_complete(
     assert complete.get_completions(["jobs", "status"], "Q") == []
     monkeypatch.setenv("WORKERNATOR_HOST", f"127.0.0.1:{closed_port()}")
     assert complete.get_completions(["jobs", "stop"], "") == []  # errors complete nothing
+
+
+def test_limit_options_complete() -> None:
+    complete = ShellComplete(cli.cli, {}, "workernator", "_WORKERNATOR_COMPLETE")
+    items = complete.get_completions(["jobs", "start", "fib"], "--io")
+    assert [item.value for item in items] == [
+        "--io-read",
+        "--io-write",
+        "--io-read-iops",
+        "--io-write-iops",
+    ]
+    assert items[0].help == "Bytes per second the job may read from disk, like 10M."
+    for option in ("--memory", "--io-read", "--io-write"):
+        items = complete.get_completions(["jobs", "start", "noop", option], "256")
+        assert [(item.value, item.help) for item in items] == [
+            ("256K", "256 KiB"),
+            ("256M", "256 MiB"),
+            ("256G", "256 GiB"),
+            ("256T", "256 TiB"),
+        ]
+        assert complete.get_completions(["jobs", "start", "noop", option], "256M") == []
+    assert complete.get_completions(["jobs", "start", "noop", "--cpu"], "0") == []
 
 
 # --- certs ------------------------------------------------------------------------------------

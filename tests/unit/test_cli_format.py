@@ -100,6 +100,10 @@ def test_failed_job_shows_error_exit_code_and_signal() -> None:
     assert "Error:      killed by the kernel's OOM killer (memory limit reached)\n" in text
     assert "Signal:     9 (SIGKILL)\n" in text
     assert "Exit code" not in text
+    # The runner's own words about the OOM kill are not repeated.
+    said = "killed by signal 9 (SIGKILL); out of memory (its limit is 64 MiB)"
+    killed.error = said
+    assert f"\nError:      {said}\nSignal:" in fmt.format_status(killed)
 
 
 def test_stopped_and_complete_jobs_show_no_exit_details() -> None:
@@ -146,17 +150,100 @@ def test_wait_and_noop_arguments() -> None:
     assert "\nArguments:  none\n" in fmt.format_status(noop)
 
 
-def test_verbose_status_adds_owner_limits_and_usage() -> None:
+def test_verbose_status_adds_owner_limits_usage_and_oom() -> None:
     job = fib_job(
-        limits=pb.ResourceLimits(cpu_millis=500, memory_bytes=512 * 1024**2, pids=64),
+        state=pb.JOB_STATE_FAILED,
+        signal=9,
+        oom_killed=True,
+        limits=pb.ResourceLimits(
+            cpu_millis=500,
+            memory_bytes=256 * 1024**2,
+            pids=64,
+            io_read_bps=10 * 1024**2,
+            io_write_bps=5 * 1024**2,
+            io_read_iops=100,
+            io_write_iops=200,
+        ),
         usage=pb.ResourceUsage(
-            cpu_time=Duration(nanos=120_000_000), peak_memory_bytes=3 * 1024**2 + 100
+            cpu_time=Duration(seconds=2, nanos=500_000_000),
+            peak_memory_bytes=256 * 1024**2,
+            read_bytes=4096,
+            written_bytes=1536 * 1024,
         ),
     )
-    text = fmt.format_status(job, verbose=True)
-    assert "\nOwner:      alice\n" in text
-    assert "\nLimits:     CPU 0.5, memory 512 MiB, 64 processes\n" in text
-    assert text.endswith("Usage:      CPU 120 ms, peak memory 3 MiB, read 0 B, written 0 B")
+    job.ClearField("exit_code")
+    # Every value in one column: one space after the longest label ("  Disk write IOPS:").
+    assert fmt.format_status(job, now=at("2022-07-08 00:00:00"), verbose=True) == (
+        "Job XE38YM: Fibonacci\n"
+        "Arguments:\n"
+        "  Number:          3\n"
+        "Status:            Failed\n"
+        "Error:             killed by the kernel's OOM killer (memory limit reached)\n"
+        "Signal:            9 (SIGKILL)\n"
+        "Started:           2022-07-07 16:34:03\n"
+        "Finished:          2022-07-07 16:34:04\n"
+        "Duration:          1 second\n"
+        "Owner:             alice\n"
+        "Limits:\n"
+        "  CPU:             0.5\n"
+        "  Memory:          256 MiB\n"
+        "  Processes:       64\n"
+        "  Disk read:       10 MiB/s\n"
+        "  Disk write:      5 MiB/s\n"
+        "  Disk read IOPS:  100\n"
+        "  Disk write IOPS: 200\n"
+        "Usage:\n"
+        "  CPU time:        2.5 seconds\n"
+        "  Peak memory:     256 MiB\n"
+        "  Disk read:       4 KiB\n"
+        "  Disk written:    1.5 MiB\n"
+        "Out of memory:     yes"
+    )
+
+
+def test_verbose_status_shows_only_the_limits_that_are_set() -> None:
+    job = fib_job(
+        limits=pb.ResourceLimits(cpu_millis=1500, memory_bytes=512 * 1024**2, pids=64),
+        usage=pb.ResourceUsage(cpu_time=Duration(nanos=120_000_000), peak_memory_bytes=3 << 20),
+    )
+    assert fmt.format_status(job, now=at("2022-07-08 00:00:00"), verbose=True) == (
+        "Job XE38YM: Fibonacci\n"
+        "Arguments:\n"
+        "  Number:       3\n"
+        "Status:         Complete\n"
+        "Started:        2022-07-07 16:34:03\n"
+        "Finished:       2022-07-07 16:34:04\n"
+        "Duration:       1 second\n"
+        "Owner:          alice\n"
+        "Limits:\n"
+        "  CPU:          1.5\n"
+        "  Memory:       512 MiB\n"
+        "  Processes:    64\n"
+        "Usage:\n"
+        "  CPU time:     120 ms\n"
+        "  Peak memory:  3 MiB\n"
+        "  Disk read:    0 B\n"
+        "  Disk written: 0 B"
+    )
+    io_only = fmt.format_status(
+        fib_job(limits=pb.ResourceLimits(io_write_bps=1 << 20, io_read_iops=50)), verbose=True
+    )
+    assert "\nLimits:\n  Disk write:     1 MiB/s\n  Disk read IOPS: 50\nUsage:\n" in io_only
+
+
+def test_verbose_status_without_limits_says_none() -> None:
+    text = fmt.format_status(fib_job(), verbose=True)  # no limits, no usage sent at all
+    assert "\nOwner:          alice\nLimits:         none\nUsage:\n" in text
+    assert text.endswith("  Disk written: 0 B")
+    assert "Out of memory" not in text
+    assert "CPU:" not in text
+
+
+def test_status_without_verbose_shows_no_resources() -> None:
+    job = fib_job(oom_killed=True, limits=pb.ResourceLimits(cpu_millis=500))
+    text = fmt.format_status(job, now=at("2022-07-08 00:00:00"))
+    assert text == fmt.format_status(fib_job(), now=at("2022-07-08 00:00:00"))
+    assert "Limits" not in text and "Usage" not in text and "Out of memory" not in text
 
 
 def test_started_message_matches_the_transcript() -> None:
@@ -248,6 +335,133 @@ def test_parse_duration_maximum() -> None:
     assert fmt.parse_duration("2d", maximum=3 * 86400) == 172800.0
     with pytest.raises(ValueError, match=r"too long: at most 1 minute \(60 seconds\)"):
         fmt.parse_duration("61", maximum=60)
+
+
+# --- resource limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096),
+        ("1", 1),
+        ("512B", 512),
+        ("1K", 1024),
+        ("1k", 1024),
+        ("1KiB", 1024),
+        ("1kib", 1024),
+        ("256M", 256 << 20),
+        ("256MiB", 256 << 20),
+        ("256mib", 256 << 20),
+        ("1.5G", 3 << 29),
+        ("1.5GiB", 3 << 29),
+        ("2T", 2 << 40),
+        ("2tib", 2 << 40),
+        (".5K", 512),
+        ("0.5k", 512),
+        ("1.1K", 1126),  # 1126.4: the fraction of a byte is dropped
+        (" 10M ", 10 << 20),
+        ("10 M", 10 << 20),
+        ("8388607T", (2**63 - 1) // 2**40 * 2**40),
+        (str(2**63 - 1), 2**63 - 1),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert fmt.parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "'' is not a size: give bytes, or a number with K, M, G or T"),
+        ("abc", "'abc' is not a size"),
+        ("12Q", "'12Q' is not a size: .* \\(powers of 1024: K = 1024\\), like 256M or 1.5G"),
+        ("1GB", "'1GB' is not a size"),  # SI-looking units are not guessed at
+        ("1mb", "'1mb' is not a size"),
+        ("M", "'M' is not a size"),
+        ("-1M", "'-1M' is not a size"),
+        ("1e6", "'1e6' is not a size"),
+        ("1,5G", "'1,5G' is not a size"),
+        ("inf", "'inf' is not a size"),
+        ("1.5", "'1.5' is not a whole number of bytes"),
+        ("0", "'0' must be more than 0"),
+        ("0K", "'0K' must be more than 0"),
+        ("0.0001K", "'0.0001K' must be more than 0"),
+        ("8388608T", "'8388608T' is too large: at most 9223372036854775807 bytes"),
+        (str(2**63), "is too large"),
+        ("9" * 41, "has too many digits"),
+        ("\u0661\u0662M", "is not a size"),  # Arabic-Indic digits
+    ],
+)
+def test_parse_size_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fmt.parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "millis"),
+    [
+        ("0.5", 500),
+        ("1", 1000),
+        ("2", 2000),
+        ("1.", 1000),
+        (".25", 250),
+        ("+0.5", 500),
+        ("0.001", 1),
+        ("1.234", 1234),
+        ("0.5000", 500),  # trailing zeros are not finer than a thousandth
+        (" 3 ", 3000),
+        ("4294967.295", 2**32 - 1),
+    ],
+)
+def test_parse_cpu(text: str, millis: int) -> None:
+    assert fmt.parse_cpu(text) == millis
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0", "'0' must be more than 0"),
+        ("0.000", "'0.000' must be more than 0"),
+        ("-0.5", "'-0.5' must be more than 0"),
+        ("0.0005", r"'0.0005' has more than 3 decimals \(the smallest step is 0.001 CPU\)"),
+        ("1.2345", "has more than 3 decimals"),
+        ("abc", r"'abc' is not a number of CPUs \(like 0.5 or 2\)"),
+        ("", "is not a number of CPUs"),
+        ("1/2", "is not a number of CPUs"),
+        ("50%", "is not a number of CPUs"),
+        ("1e3", "is not a number of CPUs"),
+        ("nan", "is not a number of CPUs"),
+        ("inf", "is not a number of CPUs"),
+        ("4294967.296", "'4294967.296' is too large: at most 4294967.295 CPUs"),
+        ("9" * 41, "has too many digits"),
+    ],
+)
+def test_parse_cpu_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fmt.parse_cpu(text)
+
+
+def test_parse_count() -> None:
+    assert fmt.parse_count("64") == 64
+    assert fmt.parse_count(" 1 ") == 1
+    assert fmt.parse_count(str(2**63 - 1)) == 2**63 - 1
+    assert fmt.parse_count("4294967295", fmt.MAX_PIDS) == 2**32 - 1
+    for text, message in [
+        ("0", "'0' must be more than 0"),
+        ("-1", "'-1' is not a whole number"),
+        ("1.5", "'1.5' is not a whole number"),
+        ("1e3", "'1e3' is not a whole number"),
+        ("10K", "'10K' is not a whole number"),
+        ("", "'' is not a whole number"),
+        ("\u0661", "is not a whole number"),
+        (str(2**63), "is too large: at most 9223372036854775807"),
+        ("9" * 41, "has too many digits"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fmt.parse_count(text)
+    with pytest.raises(ValueError, match="'4294967296' is too large: at most 4294967295"):
+        fmt.parse_count("4294967296", fmt.MAX_PIDS)
 
 
 # --- variables --------------------------------------------------------------------------------
@@ -349,6 +563,41 @@ def test_message_to_dict_uses_proto_names_and_keeps_zero_fields() -> None:
     assert data["error"] == ""
     assert data["exit_code"] == 0
     assert "signal" not in data  # unset optional field
+
+
+def test_job_to_dict_always_has_limits_usage_and_oom_killed() -> None:
+    bare = fmt.job_to_dict(fib_job())  # a server that sent neither limits nor usage
+    assert bare["oom_killed"] is False
+    assert bare["limits"] == {
+        "cpu_millis": 0,
+        "memory_bytes": "0",
+        "pids": 0,
+        "io_read_bps": "0",
+        "io_write_bps": "0",
+        "io_read_iops": "0",
+        "io_write_iops": "0",
+    }
+    assert bare["usage"] == {
+        "cpu_time": "0s",
+        "peak_memory_bytes": "0",
+        "read_bytes": "0",
+        "written_bytes": "0",
+    }
+    assert "limits" not in fmt.message_to_dict(fib_job())  # what job_to_dict adds
+    job = fib_job(
+        oom_killed=True,
+        limits=pb.ResourceLimits(cpu_millis=500, memory_bytes=256 << 20, io_write_iops=7),
+        usage=pb.ResourceUsage(cpu_time=Duration(nanos=120_000_000), written_bytes=10),
+    )
+    data = fmt.job_to_dict(job)
+    assert data["oom_killed"] is True
+    assert data["limits"]["cpu_millis"] == 500  # uint32: a number; uint64: a string
+    assert data["limits"]["memory_bytes"] == str(256 << 20)
+    assert data["limits"]["io_write_iops"] == "7"
+    assert data["usage"]["cpu_time"] == "0.120s"
+    assert data["usage"]["written_bytes"] == "10"
+    assert data == fmt.message_to_dict(job) | {"usage": data["usage"]}
+    assert not fib_job().HasField("limits")  # the job itself is left as it was
 
 
 def test_chunk_to_dict() -> None:

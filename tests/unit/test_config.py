@@ -208,3 +208,52 @@ def test_job_ids_need_an_existing_unprivileged_user(monkeypatch: pytest.MonkeyPa
         runner_config.RunnerConfig(job_user="job").job_ids()
     monkeypatch.setattr(pwd, "getpwnam", lambda name: fake(1001, 1002))
     assert runner_config.RunnerConfig(job_user="job").job_ids() == (1001, 1002)
+
+
+# --- [limits] ---------------------------------------------------------------------------------
+
+
+def test_limits_section_sets_defaults_and_maxima() -> None:
+    from shared.model import ResourceLimits
+
+    cfg = runner_config.parse(
+        {
+            "limits": {
+                "cpu": 0.5,
+                "cpu_max": 2,
+                "memory": "256M",
+                "memory_max": "4GiB",
+                "pids": 64,
+                "io_write": "10M",
+                "io_write_max": "100M",
+                "io_read_iops_max": 0,
+            }
+        }
+    )
+    assert cfg.limits.defaults == ResourceLimits(
+        cpu_millis=500, memory_bytes=256 << 20, pids=64, io_write_bps=10 << 20
+    )
+    assert cfg.limits.maxima == ResourceLimits(
+        cpu_millis=2000, memory_bytes=4 << 30, pids=4096, io_write_bps=100 << 20
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"memory": "lots"}, "limits.memory: 'lots' is not a size"),
+        ({"memory": "8 MB"}, "limits.memory: '8 MB' is not a size"),
+        ({"cpu": "half"}, "limits.cpu: expected"),
+        ({"pids": -1}, "limits.pids: must not be negative"),
+        ({"memory": "1G", "memory_max": "512M"}, "limits.memory: the default 1 GiB is over"),
+        ({"io_read_max": "10M"}, "limits.io_read: with a maximum, the default cannot be"),
+        ({"memory": "1M"}, "limits.memory: the default must be at least 32 MiB"),
+        ({"swap": 0}, "[limits]: unknown key(s): swap"),
+    ],
+)
+def test_bad_limits_are_config_errors_naming_the_key(
+    limits: dict[str, object], message: str
+) -> None:
+    with pytest.raises(runner_config.ConfigError) as exc:
+        runner_config.parse({"limits": limits})
+    assert message in str(exc.value)

@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from shared.model import LIMIT_NAMES
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -49,6 +50,18 @@ def start_requests() -> list[pb.StartJobRequest]:
                 url="https://hooks.example.test/done?id=1",
             )
         ),
+        pb.StartJobRequest(
+            fib=pb.FibArgs(position=3),
+            limits=pb.ResourceLimits(
+                cpu_millis=500,
+                memory_bytes=256 << 20,
+                pids=64,
+                io_read_bps=10 << 20,
+                io_write_bps=5 << 20,
+                io_read_iops=100,
+                io_write_iops=2**64 - 1,
+            ),
+        ),
     ]
 
 
@@ -69,7 +82,7 @@ def test_start_job_request_round_trips(request_: pb.StartJobRequest) -> None:
 
 
 def test_each_arm_keeps_its_values() -> None:
-    noop, fib, ev, wait = (
+    noop, fib, ev, wait, _ = (
         pb.StartJobRequest.FromString(r.SerializeToString()) for r in start_requests()
     )
     assert noop.WhichOneof("args") == "noop"
@@ -153,6 +166,22 @@ def test_argument_types() -> None:
     assert wait["url"].type == FieldDescriptor.TYPE_STRING
 
 
+def test_resource_limits_shape() -> None:
+    """The runner's ResourceLimits fields, by the same names, in the same order, numbered 1..7;
+    cpu_millis and pids are uint32, the others uint64. StartJobRequest.limits is field 5."""
+    fields = pb.ResourceLimits.DESCRIPTOR.fields
+    assert tuple(f.name for f in fields) == LIMIT_NAMES
+    assert [f.number for f in fields] == list(range(1, 8))
+    u32, u64 = FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64
+    assert [f.type for f in fields] == [u32, u64, u32, u64, u64, u64, u64]
+    limits = pb.StartJobRequest.DESCRIPTOR.fields_by_name["limits"]
+    assert limits.number == 5
+    assert limits.containing_oneof is None
+    assert message_type(limits).full_name == "workernator.v1.ResourceLimits"
+    assert message_type(pb.JobStatus.DESCRIPTOR.fields_by_name["limits"]) is message_type(limits)
+    assert not pb.StartJobRequest(fib=pb.FibArgs(position=3)).HasField("limits")
+
+
 def test_service_shape() -> None:
     service = pb.DESCRIPTOR.services_by_name["JobService"]
     assert service.full_name == "workernator.v1.JobService"
@@ -184,7 +213,10 @@ def test_job_status_presence_and_round_trip() -> None:
             pids=64,
             io_read_bps=10 << 20,
             io_write_bps=5 << 20,
+            io_read_iops=1000,
+            io_write_iops=500,
         ),
+        oom_killed=True,
         usage=pb.ResourceUsage(
             cpu_time=duration_pb2.Duration(nanos=12_000_000),
             peak_memory_bytes=9 << 20,

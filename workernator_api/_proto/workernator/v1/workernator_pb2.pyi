@@ -79,16 +79,18 @@ class WaitArgs(_message.Message):
     def __init__(self, seconds: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., url: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("noop", "fib", "eval", "wait")
+    __slots__ = ("noop", "fib", "eval", "wait", "limits")
     NOOP_FIELD_NUMBER: _ClassVar[int]
     FIB_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     noop: NoopArgs
     fib: FibArgs
     eval: EvalArgs
     wait: WaitArgs
-    def __init__(self, noop: _Optional[_Union[NoopArgs, _Mapping]] = ..., fib: _Optional[_Union[FibArgs, _Mapping]] = ..., eval: _Optional[_Union[EvalArgs, _Mapping]] = ..., wait: _Optional[_Union[WaitArgs, _Mapping]] = ...) -> None: ...
+    limits: ResourceLimits
+    def __init__(self, noop: _Optional[_Union[NoopArgs, _Mapping]] = ..., fib: _Optional[_Union[FibArgs, _Mapping]] = ..., eval: _Optional[_Union[EvalArgs, _Mapping]] = ..., wait: _Optional[_Union[WaitArgs, _Mapping]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -249,18 +251,22 @@ class JobStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[JobType, str]] = ..., title: _Optional[str] = ..., noop: _Optional[_Union[NoopArgs, _Mapping]] = ..., fib: _Optional[_Union[FibArgs, _Mapping]] = ..., eval: _Optional[_Union[EvalArgs, _Mapping]] = ..., wait: _Optional[_Union[WaitArgs, _Mapping]] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class ResourceLimits(_message.Message):
-    __slots__ = ("cpu_millis", "memory_bytes", "pids", "io_read_bps", "io_write_bps")
+    __slots__ = ("cpu_millis", "memory_bytes", "pids", "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
     CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
     IO_READ_BPS_FIELD_NUMBER: _ClassVar[int]
     IO_WRITE_BPS_FIELD_NUMBER: _ClassVar[int]
+    IO_READ_IOPS_FIELD_NUMBER: _ClassVar[int]
+    IO_WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
     cpu_millis: int
     memory_bytes: int
     pids: int
     io_read_bps: int
     io_write_bps: int
-    def __init__(self, cpu_millis: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., io_read_bps: _Optional[int] = ..., io_write_bps: _Optional[int] = ...) -> None: ...
+    io_read_iops: int
+    io_write_iops: int
+    def __init__(self, cpu_millis: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., io_read_bps: _Optional[int] = ..., io_write_bps: _Optional[int] = ..., io_read_iops: _Optional[int] = ..., io_write_iops: _Optional[int] = ...) -> None: ...
 
 class ResourceUsage(_message.Message):
     __slots__ = ("cpu_time", "peak_memory_bytes", "read_bytes", "written_bytes")
