@@ -167,6 +167,17 @@ def test_start_with_limits_and_status_shows_them(stack: Stack) -> None:
     assert "Out of memory" not in lines[-1]
 
 
+def test_limits_over_the_runners_maximum_are_refused_naming_them(stack: Stack) -> None:
+    one_line_error(
+        wn(stack, "alice", "jobs", "start", "noop", "--pids", "5000"),
+        "limit 'pids': 5000 is over the runner's maximum of 4096",
+    )
+    one_line_error(
+        wn(stack, "alice", "jobs", "start", "noop", "--memory", "1M"),
+        "limit 'memory': 1 MiB is under the minimum of 32 MiB a job needs",
+    )
+
+
 def test_usage_error_is_clicks(stack: Stack) -> None:
     proc = wn(stack, "alice", "jobs", "start", "fib")
     assert proc.returncode == 2
