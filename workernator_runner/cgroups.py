@@ -113,34 +113,46 @@ class JobCgroup:
         """The files a process writes "0" to, to join this cgroup in every hierarchy."""
         return [f"{path}/cgroup.procs" for path in self.dirs.values()]
 
-    def set_limits(self, limits: ResourceLimits) -> None:
-        """Apply ``limits`` (0: no limit). IO limits need the layout's disks."""
+    def set_limits(self, limits: ResourceLimits, current: ResourceLimits | None = None) -> None:
+        """Apply ``limits`` (0: no limit), writing only what differs from ``current`` (the
+        limits already set, if any: a spare's cgroup has the defaults). IO limits need the
+        layout's disks."""
         v2 = self.layout.version == "v2"
         cpu = self.dirs["cpu" if not v2 else "unified"]
         memory = self.dirs["memory" if not v2 else "unified"]
         pids = self.dirs["pids" if not v2 else "unified"]
-        quota = limits.cpu_millis * CPU_PERIOD_US // 1000 if limits.cpu_millis else 0
-        if v2:
-            _write(f"{cpu}/cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}")
-            _write(f"{memory}/memory.max", str(limits.memory_bytes or "max"))
-            _write_if_there(f"{memory}/memory.swap.max", "0")
-        else:
-            _write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(f"{cpu}/cpu.cfs_quota_us", str(quota or -1))
-            _write(f"{memory}/memory.limit_in_bytes", str(limits.memory_bytes or -1))
-            # Swap off: memory and swap together may use no more than memory alone.
-            _write_if_there(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory_bytes or -1))
-        _write(f"{pids}/pids.max", str(limits.pids or "max"))
-        self._set_io(limits)
+        if current is None or limits.cpu_millis != current.cpu_millis:
+            quota = limits.cpu_millis * CPU_PERIOD_US // 1000 if limits.cpu_millis else 0
+            if v2:
+                _write(f"{cpu}/cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}")
+            else:
+                _write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(f"{cpu}/cpu.cfs_quota_us", str(quota or -1))
+        if current is None or limits.memory_bytes != current.memory_bytes:
+            if v2:
+                _write(f"{memory}/memory.max", str(limits.memory_bytes or "max"))
+                _write_if_there(f"{memory}/memory.swap.max", "0")
+            else:
+                # Swap off: memory and swap together may use no more than memory alone. The
+                # kernel wants memsw at least memory at every moment: raise it first, lower last.
+                value = str(limits.memory_bytes or -1)
+                files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+                old = current.memory_bytes if current is not None else 0
+                if not limits.memory_bytes or (old and limits.memory_bytes > old):
+                    files.reverse()
+                for name in files:
+                    if name == "memory.limit_in_bytes":
+                        _write(f"{memory}/{name}", value)
+                    else:
+                        _write_if_there(f"{memory}/{name}", value)
+        if current is None or limits.pids != current.pids:
+            _write(f"{pids}/pids.max", str(limits.pids or "max"))
+        if current is None or _io(limits) != _io(current):
+            self._set_io(limits, clear=current is not None and any(_io(current)))
 
-    def _set_io(self, limits: ResourceLimits) -> None:
-        wanted = (
-            limits.io_read_bps,
-            limits.io_write_bps,
-            limits.io_read_iops,
-            limits.io_write_iops,
-        )
-        if not any(wanted):
+    def _set_io(self, limits: ResourceLimits, *, clear: bool = False) -> None:
+        wanted = _io(limits)
+        if not any(wanted) and not clear:
             return
         if not self.layout.io_devices:
             raise CgroupError(errno.ENODEV, f"IO limits cannot apply: {self.layout.io_problem}")
@@ -157,7 +169,7 @@ class JobCgroup:
             "blkio.throttle.write_iops_device",
         )
         for name, value in zip(files, wanted, strict=True):
-            if value:
+            if value or clear:  # 0 removes a device's limit
                 for device in self.layout.io_devices:
                     _write(f"{self.dirs['blkio']}/{name}", f"{device} {value}")
 
@@ -412,6 +424,10 @@ def _fstype(path: Path) -> str:
 
 
 # --- files ------------------------------------------------------------------------------------
+
+
+def _io(limits: ResourceLimits) -> tuple[int, int, int, int]:
+    return (limits.io_read_bps, limits.io_write_bps, limits.io_read_iops, limits.io_write_iops)
 
 
 def _read(path: str) -> str:

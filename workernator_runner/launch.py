@@ -72,6 +72,7 @@ class Init:
     tmp_size_mb: int
     egress: EgressConfig | None
     cgroups: cgroups.Layout
+    default_limits: ResourceLimits = NO_LIMITS  # what most jobs get: spares are set so
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def encode_init(init: Init) -> bytes:
             "io_devices": list(init.cgroups.io_devices),
             "io_problem": init.cgroups.io_problem,
         },
+        "default_limits": init.default_limits.as_dict(),
     }
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return INIT + packed
@@ -152,9 +154,11 @@ def decode_init(message: bytes) -> Init:
             "tmp_size_mb": int,
             "egress": (dict, type(None)),
             "cgroups": dict,
+            "default_limits": dict,
         },
         "init",
     )
+    defaults = _limits(data["default_limits"], "init default_limits")
     if not all(isinstance(m, str) for m in data["job_modules"]):
         raise MessageError("init: job_modules must be strings")
     if not (0 < data["uid"] < 2**32 - 1 and 0 < data["gid"] < 2**32 - 1):
@@ -190,6 +194,7 @@ def decode_init(message: bytes) -> Init:
         tmp_size_mb=data["tmp_size_mb"],
         egress=egress,
         cgroups=layout,
+        default_limits=defaults,
     )
 
 
@@ -227,9 +232,7 @@ def decode_launch_header(message: memoryview) -> tuple[LaunchHeader, int]:
         {"id": str, "type": str, "grace": float, "address": str, "limits": dict},
         "launch",
     )
-    limits = _fields(data["limits"], dict.fromkeys(LIMIT_NAMES, int), "launch limits")
-    if not all(0 <= value < 2**63 for value in limits.values()):
-        raise MessageError("launch: a limit out of range")
+    limits = _limits(data["limits"], "launch limits")
     if not ids.is_job_id(data["id"]):
         raise MessageError("launch: bad job id")
     if not 0 <= data["grace"] <= MAX_GRACE_SECONDS:
@@ -239,10 +242,15 @@ def decode_launch_header(message: memoryview) -> tuple[LaunchHeader, int]:
             ipaddress.IPv4Interface(data["address"])
         except ValueError:
             raise MessageError("launch: bad address") from None
-    header = LaunchHeader(
-        data["id"], data["type"], data["grace"], data["address"], ResourceLimits(**limits)
-    )
+    header = LaunchHeader(data["id"], data["type"], data["grace"], data["address"], limits)
     return header, start + length
+
+
+def _limits(data: Any, what: str) -> ResourceLimits:
+    limits = _fields(data, dict.fromkeys(LIMIT_NAMES, int), what)
+    if not all(0 <= value < 2**63 for value in limits.values()):
+        raise MessageError(f"{what}: a limit out of range")
+    return ResourceLimits(**limits)
 
 
 def decode_args(data: bytes | memoryview) -> dict[str, Any]:

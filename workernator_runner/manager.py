@@ -126,6 +126,7 @@ class JobManager:
                 egress.resolv_conf,
             ),
             cgroups=self.cgroups,
+            default_limits=cfg.limits.effective(NO_LIMITS),
         )
         # Before any job is read: the launcher must never have seen anyone's data.
         self._launcher = await Launcher.spawn(init, self._launcher_exited)

@@ -59,6 +59,7 @@ class Host:
     sandbox: sandbox.Sandbox
     egress: network.Egress | None
     cgroups: cgroups.Layout
+    default_limits: ResourceLimits  # set on a spare's cgroup: most jobs need no write
 
 
 class StartFailed(Exception):
@@ -236,6 +237,7 @@ class _Job:
         os.chown(self.workspace, host.sandbox.uid, host.sandbox.gid)
         self.cgroup.create()
         self.cgroup_made = True
+        self.cgroup.set_limits(host.default_limits)
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -285,8 +287,8 @@ class _Job:
             raise StartFailed("egress networking is not available in this runner")
         if egress != bool(header.address):
             raise StartFailed("the job's address does not fit its network mode")
-        try:
-            self.cgroup.set_limits(header.limits)  # before the job process may go on
+        try:  # before the job process may go on; only what differs from the defaults
+            self.cgroup.set_limits(header.limits, current=host.default_limits)
         except cgroups.CgroupError as exc:
             raise StartFailed(str(exc)) from None
         gateway = ""

@@ -4,6 +4,7 @@ covers the v2 file formats too, which this host's kernel cannot show with contro
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,29 @@ def test_v1_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blkio = cgroup.dirs["blkio"]
     assert written[f"{blkio}/blkio.throttle.read_bps_device"] == [f"254:0 {MiB}"]
     assert f"{blkio}/blkio.throttle.write_bps_device" not in written
+
+
+def test_only_what_differs_from_the_current_limits_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cgroup = _v1(tmp_path)
+    written = _patch_writes(monkeypatch)
+    current = ResourceLimits(cpu_millis=1000, memory_bytes=512 * MiB, pids=256)
+    cgroup.set_limits(current, current=current)
+    assert written == {}  # a spare's cgroup has the defaults already: nothing to write
+    cgroup.set_limits(dataclasses.replace(current, memory_bytes=1024 * MiB), current=current)
+    memory = cgroup.dirs["memory"]
+    # memory + swap may never be under memory: raised, memsw goes first
+    assert list(written) == [
+        f"{memory}/memory.memsw.limit_in_bytes",
+        f"{memory}/memory.limit_in_bytes",
+    ]
+    written.clear()
+    cgroup.set_limits(dataclasses.replace(current, memory_bytes=64 * MiB), current=current)
+    assert list(written) == [  # lowered, memsw goes last
+        f"{memory}/memory.limit_in_bytes",
+        f"{memory}/memory.memsw.limit_in_bytes",
+    ]
 
 
 def test_io_limits_without_a_disk_are_an_error(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ VALID_INIT_BODY: dict[str, Any] = {
         "io_devices": [],
         "io_problem": "no disk",
     },
+    "default_limits": ResourceLimits().as_dict(),
 }
 VALID_HEADER_BODY: dict[str, Any] = {
     "id": "XE38YM",
