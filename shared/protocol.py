@@ -27,13 +27,16 @@ Conversation::
 from __future__ import annotations
 
 import enum
+import functools
+import operator
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 import msgpack
 
+from shared.catalog import MAX_VARIABLES
 from shared.errors import ErrorCode
 from shared.model import (
     LIMIT_NAMES,
@@ -52,7 +55,10 @@ HEADER = struct.Struct(">I")
 MAX_ID = (1 << 63) - 1
 MAX_NAME = 64  # user names, roles, job types, argument names
 MAX_MESSAGE = 4096  # error messages, software strings
-MAX_ITEMS = 4096  # list entries in one frame
+MAX_JOB_ARGS = 64  # arguments of one job, and argument descriptions of one job type
+MAX_TYPES = 256  # job types in a "types" reply
+MAX_JOBS_PER_FRAME = 32  # job statuses in one "jobs" frame: the largest ones fit
+MAX_CHUNKS_PER_FRAME = 1024  # output chunks in one "output" frame
 MAX_CHUNK_DATA = MAX_FRAME_SIZE // 2  # data of one output chunk
 MAX_TAIL_LINES = 1_000_000
 
@@ -189,10 +195,62 @@ ServerMessage: TypeAlias = Hello | JobReply | TypesReply | JobsItem | OutputItem
 Message: TypeAlias = ClientMessage | ServerMessage
 
 
-# --- schema checks ----------------------------------------------------------------------------
-# A check takes the decoded value and a path for messages, and returns the value to use.
+# --- schemas ----------------------------------------------------------------------------------
+# A schema checks one decoded value (and returns the value to use) and knows the most such a
+# value can hold on the wire. The decoder refuses a frame that no message its side receives
+# could be before msgpack builds anything from it (see _check_shape): the bounds of the
+# decoder are derived here, from the same schemas that check the messages, never set apart.
 
-Check: TypeAlias = Callable[[Any, str], Any]
+
+@dataclass(frozen=True)
+class Limits:
+    """The most a value holds on the wire, which bounds what decoding it builds."""
+
+    depth: int = 0  # containers inside each other: a scalar 0, a map of scalars 1
+    values: int = 1  # msgpack values in all: containers, map keys and scalars
+    str_bytes: int = 0  # the longest string (UTF-8)
+    bin_bytes: int = 0  # the longest binary data
+    array_len: int = 0  # items of the longest array
+    map_len: int = 0  # entries of the largest map
+
+    def __or__(self, other: Limits) -> Limits:
+        """What admits a value of either."""
+        return Limits(*(max(getattr(self, f), getattr(other, f)) for f in _LIMIT_FIELDS))
+
+
+_LIMIT_FIELDS = tuple(Limits.__dataclass_fields__)
+SCALAR = Limits()
+
+
+def _union(limits: Iterable[Limits]) -> Limits:
+    return functools.reduce(operator.or_, limits, Limits(values=0))
+
+
+def _container(members: Sequence[Limits], *, array_len: int = 0, map_len: int = 0) -> Limits:
+    """A container of ``members``: an array's items, or a map's keys and values."""
+    inner = _union(members) | Limits(values=0, array_len=array_len, map_len=map_len)
+    return replace(inner, depth=inner.depth + 1, values=1 + sum(m.values for m in members))
+
+
+def _str_limits(max_chars: int) -> Limits:
+    return Limits(str_bytes=4 * max_chars)  # UTF-8 takes up to 4 bytes a character
+
+
+def _map_limits(fields: Mapping[str, Limits]) -> Limits:
+    members = [m for key, value in fields.items() for m in (_str_limits(len(key)), value)]
+    return _container(members, map_len=len(fields))
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A check of one decoded value, which returns the value to use, and the most such a value
+    holds on the wire."""
+
+    check: Callable[[Any, str], Any]
+    limits: Limits
+
+    def __call__(self, value: Any, path: str) -> Any:
+        return self.check(value, path)
 
 
 def _fail(path: str, what: str) -> ProtocolError:
@@ -203,7 +261,7 @@ def _type_name(value: object) -> str:
     return "nil" if value is None else type(value).__name__
 
 
-def t_str(max_len: int = MAX_NAME, min_len: int = 0) -> Check:
+def t_str(max_len: int = MAX_NAME, min_len: int = 0) -> Schema:
     def check(value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise _fail(path, f"expected a string, got {_type_name(value)}")
@@ -211,10 +269,10 @@ def t_str(max_len: int = MAX_NAME, min_len: int = 0) -> Check:
             raise _fail(path, f"length must be {min_len}..{max_len}, got {len(value)}")
         return value
 
-    return check
+    return Schema(check, _str_limits(max_len))
 
 
-def t_int(lo: int = 0, hi: int = MAX_ID) -> Check:
+def t_int(lo: int = 0, hi: int = MAX_ID) -> Schema:
     def check(value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(path, f"expected an integer, got {_type_name(value)}")
@@ -222,16 +280,19 @@ def t_int(lo: int = 0, hi: int = MAX_ID) -> Check:
             raise _fail(path, f"must be in {lo}..{hi}, got {value}")
         return value
 
-    return check
+    return Schema(check, SCALAR)
 
 
-def t_bool(value: Any, path: str) -> bool:
+def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
         raise _fail(path, f"expected a boolean, got {_type_name(value)}")
     return value
 
 
-def t_bytes(max_len: int) -> Check:
+t_bool = Schema(_bool, SCALAR)
+
+
+def t_bytes(max_len: int) -> Schema:
     def check(value: Any, path: str) -> bytes:
         if not isinstance(value, bytes):
             raise _fail(path, f"expected bytes, got {_type_name(value)}")
@@ -239,17 +300,17 @@ def t_bytes(max_len: int) -> Check:
             raise _fail(path, f"longer than {max_len} bytes")
         return value
 
-    return check
+    return Schema(check, Limits(bin_bytes=max_len))
 
 
-def t_optional(inner: Check) -> Check:
+def t_optional(inner: Schema) -> Schema:
     def check(value: Any, path: str) -> Any:
         return None if value is None else inner(value, path)
 
-    return check
+    return Schema(check, inner.limits)
 
 
-def t_list(item: Check, max_items: int = MAX_ITEMS) -> Check:
+def t_list(item: Schema, max_items: int) -> Schema:
     def check(value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             raise _fail(path, f"expected a list, got {_type_name(value)}")
@@ -257,10 +318,23 @@ def t_list(item: Check, max_items: int = MAX_ITEMS) -> Check:
             raise _fail(path, f"more than {max_items} items")
         return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
-    return check
+    return Schema(check, _container([item.limits] * max_items, array_len=max_items))
 
 
-def t_enum(kind: type[enum.Enum]) -> Check:
+def t_tuple(description: str, *items: Schema) -> Schema:
+    """An array of exactly these items, in this order."""
+
+    def check(value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list) or len(value) != len(items):
+            raise _fail(path, f"expected {description}")
+        return [
+            item(v, f"{path}[{i}]") for i, (item, v) in enumerate(zip(items, value, strict=True))
+        ]
+
+    return Schema(check, _container([i.limits for i in items], array_len=len(items)))
+
+
+def t_enum(kind: type[enum.Enum]) -> Schema:
     allowed = {m.value: m for m in kind}
 
     def check(value: Any, path: str) -> Any:
@@ -269,10 +343,13 @@ def t_enum(kind: type[enum.Enum]) -> Check:
             raise _fail(path, f"must be one of {choices}, got {value!r}")
         return allowed[value]
 
-    return check
+    names = [len(v) for v in allowed if isinstance(v, str)]
+    return Schema(check, _str_limits(max(names, default=0)))
 
 
-def t_record(required: Mapping[str, Check], optional: Mapping[str, Check] | None = None) -> Check:
+def t_record(
+    required: Mapping[str, Schema], optional: Mapping[str, Schema] | None = None
+) -> Schema:
     """A map with exactly these keys: every required one, any of the optional ones, no others."""
     optional = optional or {}
 
@@ -291,45 +368,54 @@ def t_record(required: Mapping[str, Check], optional: Mapping[str, Check] | None
             out[key] = field_check(value.get(key), f"{path}.{key}")
         return out
 
-    return check
-
-
-def _t_after(value: Any, path: str) -> tuple[int, str]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise _fail(path, "expected [created_ns, job_id]")
-    return t_int()(value[0], f"{path}[0]"), t_str(MAX_NAME, 1)(value[1], f"{path}[1]")
+    fields = {**required, **optional}
+    return Schema(check, _map_limits({k: s.limits for k, s in fields.items()}))
 
 
 def _scalar(value: Any, path: str) -> Any:
     if isinstance(value, str):
-        return t_str(MAX_MESSAGE)(value, path)
+        return _SHORT_TEXT(value, path)
     if isinstance(value, bool | int | float):
         return value
     raise _fail(path, f"expected a number, string or boolean, got {_type_name(value)}")
 
 
-def t_job_args(value: Any, path: str) -> dict[str, Any]:
-    """Job arguments: name -> scalar, or name -> map of name -> scalar (eval's variables).
+_SHORT_TEXT = t_str(MAX_MESSAGE)
+t_scalar = Schema(_scalar, _SHORT_TEXT.limits)
+_ARG_NAME = t_str(MAX_NAME, 1)
 
-    This checks only shape and size; the job catalog checks meaning.
-    """
+
+def _job_args(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(path, f"expected a map, got {_type_name(value)}")
-    if len(value) > 64:
-        raise _fail(path, "more than 64 arguments")
+    if len(value) > MAX_JOB_ARGS:
+        raise _fail(path, f"more than {MAX_JOB_ARGS} arguments")
     out: dict[str, Any] = {}
     for key, item in value.items():
-        name = t_str(MAX_NAME, 1)(key, f"{path} key")
+        name = _ARG_NAME(key, f"{path} key")
         if isinstance(item, dict):
-            if len(item) > 256:
-                raise _fail(f"{path}.{name}", "more than 256 entries")
+            if len(item) > MAX_VARIABLES:
+                raise _fail(f"{path}.{name}", f"more than {MAX_VARIABLES} entries")
             out[name] = {
-                t_str(MAX_NAME, 1)(k, f"{path}.{name} key"): _scalar(v, f"{path}.{name}.{k}")
+                _ARG_NAME(k, f"{path}.{name} key"): _scalar(v, f"{path}.{name}.{k}")
                 for k, v in item.items()
             }
         else:
             out[name] = _scalar(item, f"{path}.{name}")
     return out
+
+
+_NESTED_ARGS = _container(
+    [_ARG_NAME.limits, t_scalar.limits] * MAX_VARIABLES, map_len=MAX_VARIABLES
+)
+# Job arguments: name -> scalar, or name -> map of name -> scalar (eval's variables). This checks
+# only shape and size; the job catalog checks meaning.
+t_job_args = Schema(
+    _job_args,
+    _container(
+        [_ARG_NAME.limits, t_scalar.limits | _NESTED_ARGS] * MAX_JOB_ARGS, map_len=MAX_JOB_ARGS
+    ),
+)
 
 
 _CALLER = t_record({"user": t_str(MAX_NAME, 1), "role": t_str(MAX_NAME, 1)})
@@ -339,7 +425,9 @@ _TIME = t_optional(t_int(0, MAX_ID))
 MAX_LIMIT = 2**63 - 1
 _LIMITS = t_record({name: t_int(0, MAX_LIMIT) for name in LIMIT_NAMES})
 
-_OP_ARGS: dict[Op, Check] = {
+_AFTER = t_tuple("[created_ns, job_id]", t_int(), t_str(MAX_NAME, 1))
+
+_OP_ARGS: dict[Op, Schema] = {
     Op.START: t_record(
         {"job_type": t_str(MAX_NAME, 1), "args": t_job_args}, {"limits": t_optional(_LIMITS)}
     ),
@@ -347,7 +435,10 @@ _OP_ARGS: dict[Op, Check] = {
     Op.STATUS: t_record({"job_id": _JOB_ID}),
     Op.LIST: t_record(
         {},
-        {"owner": t_optional(t_str(MAX_NAME, 1)), "after": t_optional(_t_after)},
+        {
+            "owner": t_optional(t_str(MAX_NAME, 1)),
+            "after": t_optional(Schema(lambda v, p: tuple(_AFTER(v, p)), _AFTER.limits)),
+        },
     ),
     Op.TAIL: t_record(
         {"job_id": _JOB_ID, "follow": t_bool},
@@ -388,20 +479,28 @@ _JOB_STATUS = t_record(
 )
 
 
-def _t_chunk(value: Any, path: str) -> OutputChunk:
-    if not isinstance(value, list) or len(value) != 5:
-        raise _fail(path, "expected [offset, next_offset, timestamp_ns, stream, data]")
-    offset = t_int()(value[0], f"{path}.offset")
-    next_offset = t_int()(value[1], f"{path}.next_offset")
-    if next_offset <= offset:
+def _status_from_wire(value: Any, path: str) -> JobStatus:
+    d = _JOB_STATUS(value, path)
+    d["usage"] = JobUsage(**d["usage"])
+    d["limits"] = ResourceLimits(**d["limits"])
+    return JobStatus(**d)
+
+
+_CHUNK = t_tuple(
+    "[offset, next_offset, timestamp_ns, stream, data]",
+    t_int(),
+    t_int(),
+    t_int(),
+    t_enum(Stream),
+    t_bytes(MAX_CHUNK_DATA),
+)
+
+
+def _chunk_from_wire(value: Any, path: str) -> OutputChunk:
+    chunk = OutputChunk(*_CHUNK(value, path))
+    if chunk.next_offset <= chunk.offset:
         raise _fail(path, "next_offset must be after offset")
-    return OutputChunk(
-        offset=offset,
-        next_offset=next_offset,
-        timestamp_ns=t_int()(value[2], f"{path}.timestamp_ns"),
-        stream=t_enum(Stream)(value[3], f"{path}.stream"),
-        data=t_bytes(MAX_CHUNK_DATA)(value[4], f"{path}.data"),
-    )
+    return chunk
 
 
 _TYPE_INFO = t_record(
@@ -417,24 +516,81 @@ _TYPE_INFO = t_record(
                     "required": t_bool,
                     "description": t_str(MAX_MESSAGE),
                 },
-                {"min": t_optional(_scalar), "max": t_optional(_scalar)},
+                {"min": t_optional(t_scalar), "max": t_optional(t_scalar)},
             ),
-            64,
+            MAX_JOB_ARGS,
         ),
     }
 )
 
-_HELLO = t_record({"type": t_str(), "version": t_int(0, 2**31), "software": t_str(MAX_MESSAGE)})
+_TYPE = t_str()  # every message's "type"; which ones exist is checked by kind
+_HELLO = t_record({"type": _TYPE, "version": t_int(0, 2**31), "software": t_str(MAX_MESSAGE)})
 _REQUEST = t_record(
     {
-        "type": t_str(),
+        "type": _TYPE,
         "id": t_int(1),
         "op": t_enum(Op),
         "caller": _CALLER,
-        "args": lambda v, p: v,  # checked per op below, once the op is known
+        # checked per op once the op is known; it holds no more than the largest of them
+        "args": Schema(lambda v, p: v, _union(s.limits for s in _OP_ARGS.values())),
     }
 )
-_CANCEL = t_record({"type": t_str(), "id": t_int(1)})
+_CANCEL = t_record({"type": _TYPE, "id": t_int(1)})
+
+# What the runner sends, by "type".
+_SERVER_MESSAGES: dict[str, Schema] = {
+    "job": t_record(
+        {"type": _TYPE, "id": t_int(1), "job": Schema(_status_from_wire, _JOB_STATUS.limits)}
+    ),
+    "types": t_record({"type": _TYPE, "id": t_int(1), "types": t_list(_TYPE_INFO, MAX_TYPES)}),
+    "jobs": t_record(
+        {
+            "type": _TYPE,
+            "id": t_int(1),
+            "jobs": t_list(Schema(_status_from_wire, _JOB_STATUS.limits), MAX_JOBS_PER_FRAME),
+        }
+    ),
+    "output": t_record(
+        {
+            "type": _TYPE,
+            "id": t_int(1),
+            "chunks": t_list(Schema(_chunk_from_wire, _CHUNK.limits), MAX_CHUNKS_PER_FRAME),
+        }
+    ),
+    "end": t_record({"type": _TYPE, "id": t_int(1)}),
+    "error": t_record(
+        {
+            "type": _TYPE,
+            "id": t_optional(t_int(1)),
+            "code": t_enum(ErrorCode),
+            "message": t_str(MAX_MESSAGE),
+        }
+    ),
+}
+_SERVER_MESSAGE_TYPES: dict[str, Callable[[dict[str, Any]], ServerMessage]] = {
+    "job": lambda r: JobReply(r["id"], r["job"]),
+    "types": lambda r: TypesReply(r["id"], r["types"]),
+    "jobs": lambda r: JobsItem(r["id"], r["jobs"]),
+    "output": lambda r: OutputItem(r["id"], r["chunks"]),
+    "end": lambda r: End(r["id"]),
+    "error": lambda r: ErrorReply(r["id"], r["code"], r["message"]),
+}
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # the api
+    SERVER = "server"  # the runner
+
+    @property
+    def peer(self) -> Role:
+        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
+
+
+# The most a frame received by each side can hold: the largest message it may receive.
+RECEIVED_LIMITS: dict[Role, Limits] = {
+    Role.SERVER: _union(s.limits for s in (_HELLO, _REQUEST, _CANCEL)),
+    Role.CLIENT: _union(s.limits for s in (_HELLO, *_SERVER_MESSAGES.values())),
+}
 
 
 # --- message <-> wire map ---------------------------------------------------------------------
@@ -452,7 +608,7 @@ def _status_to_wire(job: JobStatus) -> dict[str, Any]:
         "ended_ns": job.ended_ns,
         "exit_code": job.exit_code,
         "signal": job.signal,
-        "error": job.error,
+        "error": job.error[:MAX_MESSAGE],  # text for people: a longer one is cut, not refused
         "oom_killed": job.oom_killed,
         "usage": {
             "cpu_ns": job.usage.cpu_ns,
@@ -462,13 +618,6 @@ def _status_to_wire(job: JobStatus) -> dict[str, Any]:
         },
         "limits": job.limits.as_dict(),
     }
-
-
-def _status_from_wire(value: Any, path: str) -> JobStatus:
-    d = _JOB_STATUS(value, path)
-    d["usage"] = JobUsage(**d["usage"])
-    d["limits"] = ResourceLimits(**d["limits"])
-    return JobStatus(**d)
 
 
 def _start_from_wire(d: dict[str, Any]) -> StartArgs:
@@ -561,32 +710,18 @@ def _request_from_wire(d: dict[str, Any]) -> Request:
     return Request(base["id"], op, caller, _ARGS_FROM_WIRE[op](args))
 
 
-def _server_message_from_wire(kind: str, d: dict[str, Any]) -> ServerMessage:
-    if kind == "job":
-        r = t_record({"type": t_str(), "id": t_int(1), "job": _status_from_wire})(d, kind)
-        return JobReply(r["id"], r["job"])
-    if kind == "types":
-        r = t_record({"type": t_str(), "id": t_int(1), "types": t_list(_TYPE_INFO, 256)})(d, kind)
-        return TypesReply(r["id"], r["types"])
-    if kind == "jobs":
-        r = t_record({"type": t_str(), "id": t_int(1), "jobs": t_list(_status_from_wire)})(d, kind)
-        return JobsItem(r["id"], r["jobs"])
-    if kind == "output":
-        r = t_record({"type": t_str(), "id": t_int(1), "chunks": t_list(_t_chunk)})(d, kind)
-        return OutputItem(r["id"], r["chunks"])
-    if kind == "end":
-        r = t_record({"type": t_str(), "id": t_int(1)})(d, kind)
-        return End(r["id"])
-    if kind == "error":
-        r = t_record(
-            {
-                "type": t_str(),
-                "id": t_optional(t_int(1)),
-                "code": t_enum(ErrorCode),
-                "message": t_str(MAX_MESSAGE),
-            }
-        )(d, kind)
-        return ErrorReply(r["id"], r["code"], r["message"])
+def _message_from_wire(receiver: Role, d: dict[str, Any]) -> Message:
+    """The message in ``d`` as ``receiver`` checks it; whether it may come now is not checked."""
+    kind = d["type"]
+    if kind == "hello":
+        return Hello(**{k: v for k, v in _HELLO(d, "hello").items() if k != "type"})
+    if receiver is Role.SERVER:
+        if kind == "request":
+            return _request_from_wire(d)
+        if kind == "cancel":
+            return Cancel(_CANCEL(d, "cancel")["id"])
+    elif kind in _SERVER_MESSAGES:
+        return _SERVER_MESSAGE_TYPES[kind](_SERVER_MESSAGES[kind](d, kind))
     raise ProtocolError(f"unknown message type {kind!r}")
 
 
@@ -600,15 +735,123 @@ def encode_frame(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+# The first byte of a msgpack value beyond the fixed-size ranges: what it is, and how many bytes
+# follow it: for "str", "bin", "array" and "map" those hold the length, else they are the value.
+_TYPED_HEADERS: dict[int, tuple[str, int]] = {
+    0xC0: ("scalar", 0),  # nil
+    0xC2: ("scalar", 0),  # false
+    0xC3: ("scalar", 0),  # true
+    0xC4: ("bin", 1),
+    0xC5: ("bin", 2),
+    0xC6: ("bin", 4),
+    **{b: ("ext", 0) for b in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8)},
+    0xCA: ("scalar", 4),  # float 32
+    0xCB: ("scalar", 8),  # float 64
+    **{0xCC + i: ("scalar", 1 << i) for i in range(4)},  # uint 8..64
+    **{0xD0 + i: ("scalar", 1 << i) for i in range(4)},  # int 8..64
+    0xD9: ("str", 1),
+    0xDA: ("str", 2),
+    0xDB: ("str", 4),
+    0xDC: ("array", 2),
+    0xDD: ("array", 4),
+    0xDE: ("map", 2),
+    0xDF: ("map", 4),
+}
+
+
+def _check_shape(body: bytes, limits: Limits) -> None:
+    """Refuse a frame that holds more than any message its receiver accepts, before msgpack
+    builds anything from it: too deep, too many values, an array, map, string or binary too
+    long. Reads value headers only (string and binary contents are skipped), so this takes at
+    most ``limits.values`` steps, whatever the frame holds."""
+    pending = [1]  # values still to come in each open container, the outermost first
+    pos = values = 0
+    while pending:
+        if not pending[-1]:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        values += 1
+        if values > limits.values:
+            raise ProtocolError(
+                f"frame holds more than {limits.values} values; no message has more"
+            )
+        if pos >= len(body):
+            raise ProtocolError("frame is not valid msgpack: it ends in the middle of a value")
+        first = body[pos]
+        if first <= 0x7F or first >= 0xE0:  # fixed integers
+            kind, length, pos = "scalar", 0, pos + 1
+        elif first <= 0x8F:
+            kind, length, pos = "map", first & 0x0F, pos + 1
+        elif first <= 0x9F:
+            kind, length, pos = "array", first & 0x0F, pos + 1
+        elif first <= 0xBF:
+            kind, length, pos = "str", first & 0x1F, pos + 1
+        elif first == 0xC1:
+            raise ProtocolError(f"frame is not valid msgpack: byte 0xc1 at {pos}")
+        else:
+            kind, size = _TYPED_HEADERS[first]
+            if kind == "ext":
+                raise ProtocolError("frame holds a msgpack extension type, which is not allowed")
+            pos += 1
+            if kind == "scalar":
+                length, pos = 0, pos + size
+            else:
+                length, pos = int.from_bytes(body[pos : pos + size]), pos + size
+        limit = {
+            "str": limits.str_bytes,
+            "bin": limits.bin_bytes,
+            "array": limits.array_len,
+            "map": limits.map_len,
+        }.get(kind)
+        if limit is not None and length > limit:
+            raise ProtocolError(
+                f"frame holds {_sized(kind, length)}; no message has more than {limit}"
+            )
+        if kind in ("str", "bin"):
+            pos += length
+        elif kind in ("array", "map"):
+            if len(pending) > limits.depth:
+                raise ProtocolError(
+                    f"frame nests containers more than {limits.depth} deep; no message does"
+                )
+            pending.append(length * 2 if kind == "map" else length)
+    if pos != len(body):
+        where = "it ends in the middle of a value" if pos > len(body) else "bytes after the message"
+        raise ProtocolError(f"frame is not valid msgpack: {where}")
+
+
+def _sized(kind: str, length: int) -> str:
+    return {
+        "str": f"a string of {length} bytes",
+        "bin": f"binary data of {length} bytes",
+        "array": f"an array of {length} items",
+        "map": f"a map of {length} entries",
+    }[kind]
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    """Decode one frame body to a map with a string ``type``; no schema check yet."""
+def decode_body(body: bytes, receiver: Role) -> dict[str, Any]:
+    """Decode one frame body that ``receiver`` got to a map with a string ``type``; the
+    message's schema is not checked yet, only that the frame holds no more than the largest
+    message ``receiver`` accepts."""
+    limits = RECEIVED_LIMITS[receiver]
+    _check_shape(body, limits)
     try:
         value = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True
+            body,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            use_list=True,
+            max_str_len=limits.str_bytes,
+            max_bin_len=limits.bin_bytes,
+            max_array_len=limits.array_len,
+            max_map_len=limits.map_len,
+            max_ext_len=0,
         )
     except ProtocolError:
         raise
@@ -622,15 +865,12 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return value
 
 
-class Role(enum.Enum):
-    CLIENT = "client"  # the api
-    SERVER = "server"  # the runner
-
-
 class Connection:
     """One side of a connection: feed it bytes, take validated messages out.
 
-    The first message each way must be ``hello`` with the same protocol version.
+    The first message each way must be ``hello`` with the same protocol version. What this side
+    sends is checked as its peer will check it, so that a bug here fails one request with an
+    error instead of sending a frame that makes the peer drop the whole connection.
     """
 
     def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE) -> None:
@@ -641,8 +881,15 @@ class Connection:
         self._closed = False
 
     def send(self, message: Message) -> bytes:
-        """Bytes to write for ``message``."""
-        return encode_frame(message)
+        """Bytes to write for ``message``; ValueError if the peer would refuse them."""
+        frame = encode_frame(message)
+        try:
+            _message_from_wire(self.role.peer, decode_body(frame[HEADER.size :], self.role.peer))
+        except ProtocolError as exc:
+            raise ValueError(
+                f"refusing to send a {type(message).__name__} the peer would refuse: {exc.message}"
+            ) from None
+        return frame
 
     def receive_data(self, data: bytes) -> None:
         if self._closed:
@@ -673,14 +920,15 @@ class Connection:
             return None
         body = bytes(self._buffer[HEADER.size : end])
         del self._buffer[:end]
-        return self._parse(decode_body(body))
+        return self._parse(decode_body(body, self.role))
 
     def _parse(self, d: dict[str, Any]) -> Message:
         kind = d["type"]
         if self.peer_hello is None:
             if kind != "hello":
                 raise ProtocolError(f"expected hello first, got {kind!r}")
-            hello = Hello(**{k: v for k, v in _HELLO(d, "hello").items() if k != "type"})
+            hello = _message_from_wire(self.role, d)
+            assert isinstance(hello, Hello)
             if hello.version != PROTOCOL_VERSION:
                 raise ProtocolError(
                     f"unsupported protocol version {hello.version}; "
@@ -690,10 +938,4 @@ class Connection:
             return hello
         if kind == "hello":
             raise ProtocolError("hello sent twice")
-        if self.role is Role.SERVER:
-            if kind == "request":
-                return _request_from_wire(d)
-            if kind == "cancel":
-                return Cancel(_CANCEL(d, "cancel")["id"])
-            raise ProtocolError(f"unknown message type {kind!r}")
-        return _server_message_from_wire(kind, d)
+        return _message_from_wire(self.role, d)

@@ -115,7 +115,7 @@ class RunnerClient:
                     f"the runner at {self.path} closed the connection before its hello{reason}"
                 )
             data += received
-        refusal = _refusal(p.decode_body(body))
+        refusal = _refusal(p.decode_body(body, p.Role.CLIENT))
         if refusal is not None:
             raise RunnerUnavailable(f"the runner refused the connection: {refusal}")
         self._conn.receive_data(bytes(data))  # the codec checks the hello and keeps the rest

@@ -27,7 +27,7 @@ from workernator_runner.manager import JobManager
 MAX_REQUESTS_PER_CONNECTION = 256
 # A job status is at most about 26 KiB on the wire (a 4096-character expression, 64 variables,
 # a 4096-character error), so this many always fit in one frame.
-JOBS_PER_FRAME = 32
+JOBS_PER_FRAME = p.MAX_JOBS_PER_FRAME
 MAX_CONNECTIONS = 128
 SHUTDOWN_CLOSE_SECONDS = 2.0  # at shutdown, how long a peer gets to take what was sent
 SOFTWARE = "workernator-runner 0.1"
@@ -85,6 +85,9 @@ class _Session:
                     if message is None:
                         break
                     await self.dispatch(message)
+                    # A peer that sends many frames at once (one read holds thousands of small
+                    # ones) must not keep the other connections waiting meanwhile.
+                    await asyncio.sleep(0)
         except p.ProtocolError as exc:
             log.warning("protocol error; closing connection", error=exc.message)
             with contextlib.suppress(ConnectionError):
