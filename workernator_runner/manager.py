@@ -35,6 +35,7 @@ from typing import Any
 from shared import ids, log
 from shared.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits
+from shared.protocol import MAX_CHUNKS_PER_FRAME
 from workernator_runner import cgroups, inotify, linux, network, store
 from workernator_runner import launch as wire
 from workernator_runner.config import RunnerConfig
@@ -511,7 +512,9 @@ class JobManager:
     ) -> AsyncGenerator[OutputChunk, None]:
         """The job's output from the first byte (or ``from_``, or the ``last`` N lines).
 
-        With ``follow``, waits for more until the job has ended and every byte was read.
+        ``from_`` must be where a record starts (a chunk's ``offset`` or ``next_offset``), else
+        InvalidArgument: every chunk returned is a record the job's monitor wrote. With
+        ``follow``, waits for more until the job has ended and every byte was read.
         """
         async for batch in self.read_output_batches(job_id, follow=follow, from_=from_, last=last):
             for chunk in batch:
@@ -526,7 +529,8 @@ class JobManager:
         last: int | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
     ) -> AsyncGenerator[builtins.list[OutputChunk], None]:
-        """Like :meth:`read_output`, in batches of up to about ``max_bytes`` of data."""
+        """Like :meth:`read_output`, in batches of up to about ``max_bytes`` of data and at most
+        ``MAX_CHUNKS_PER_FRAME`` chunks: each batch fits one frame."""
         job = self._get(job_id)
         path = job.dir / store.OUTPUT_FILE
         if from_ is not None and last is not None:
@@ -539,6 +543,11 @@ class JobManager:
             start = from_ or 0
             if start > path.stat().st_size:
                 raise InvalidArgument(f"offset {start} is past the end of the output")
+            if start:  # read from inside a record, a job's bytes could pass for records
+                try:
+                    await asyncio.to_thread(store.check_record_start, path, start)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
         with store.RecordReader(path, start) as reader:
             if head is not None:
                 yield [head]
@@ -546,7 +555,7 @@ class JobManager:
                 changed = job.changed  # before reading, so no change can slip in between
                 finished = job.state.state.finished
                 try:
-                    while batch := reader.read_available(max_bytes):
+                    while batch := reader.read_available(max_bytes, MAX_CHUNKS_PER_FRAME):
                         yield batch
                 except ValueError as exc:
                     raise InvalidArgument(f"cannot read output at offset {start}: {exc}") from None

@@ -241,3 +241,33 @@ def iter_records(path: Path, offset: int = 0) -> Iterator[OutputChunk]:
     with RecordReader(path, offset) as reader:
         while batch := reader.read_available():
             yield from batch
+
+
+def check_record_start(path: Path, offset: int) -> None:
+    """ValueError unless a record of ``path`` starts at ``offset`` (or the records end there).
+
+    Read from inside a record, a job's own bytes would pass for records: a job can print whole
+    records. One pass over the records before ``offset``, skipping over their data.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=4 * MAX_RECORD_DATA)
+    previous = position = 0
+    with path.open("rb") as f:
+        while position < offset:
+            try:
+                unpacker.skip()
+            except msgpack.OutOfData:
+                data = f.read(READ_SIZE)
+                if not data:
+                    break
+                unpacker.feed(data)
+                continue
+            except Exception as exc:  # msgpack raises many types for bad input
+                raise ValueError(f"corrupt output record at offset {position}: {exc}") from None
+            previous, position = position, unpacker.tell()
+    if position > offset:
+        where = f"it is inside the record at {previous}..{position}"
+    elif position < offset:
+        where = f"the records written so far end at {position}"
+    else:
+        return
+    raise ValueError(f"offset {offset} is not where a record starts: {where}")

@@ -95,7 +95,7 @@ async def test_bad_read_requests_are_rejected(manager: JobManager) -> None:
         await collect(manager, job.id, from_=10**9)
     with pytest.raises(InvalidArgument, match="not both"):
         await collect(manager, job.id, from_=0, last=1)
-    with pytest.raises(InvalidArgument, match=r"corrupt output record|cannot read"):
+    with pytest.raises(InvalidArgument, match="offset 1 is not where a record starts"):
         await collect(manager, job.id, from_=1)  # not a record boundary
 
 

@@ -23,7 +23,7 @@ def _start_head() -> bytes:
     envelope = w.request(1, "start", {})
     del envelope["args"]
     fields = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in envelope.items())
-    return b"\x85" + fields + msgpack.packb("args")
+    return b"\x85" + fields + bytes(msgpack.packb("args"))
 
 
 def _start_request_with_args(args_header: bytes, filler: bytes) -> bytes:
