@@ -22,8 +22,9 @@ FORGED = msgpack.packb([-1, int(Stream.STDOUT), b"x"]) + msgpack.packb(
 )
 
 
-async def _chunks(client: RunnerClient, job_id: str, **kw: int) -> list[OutputChunk]:
-    return [c async for batch in client.tail(*USER, job_id, follow=False, **kw) for c in batch]
+async def _chunks(client: RunnerClient, job_id: str, offset: int) -> list[OutputChunk]:
+    tail = client.tail(*USER, job_id, follow=False, offset=offset)
+    return [chunk async for batch in tail for chunk in batch]
 
 
 async def test_a_tail_from_inside_a_record_is_refused_and_never_misread(daemon: Daemon) -> None:
