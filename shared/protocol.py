@@ -36,7 +36,7 @@ from typing import Any, TypeAlias
 
 import msgpack
 
-from shared.catalog import MAX_VARIABLES
+from shared import catalog
 from shared.errors import ErrorCode
 from shared.model import (
     LIMIT_NAMES,
@@ -56,6 +56,7 @@ MAX_ID = (1 << 63) - 1
 MAX_NAME = 64  # user names, roles, job types, argument names
 MAX_MESSAGE = 4096  # error messages, software strings
 MAX_JOB_ARGS = 64  # arguments of one job, and argument descriptions of one job type
+MAX_ARG_ENTRIES = catalog.MAX_VARIABLES  # entries of a map argument (eval's variables)
 MAX_TYPES = 256  # job types in a "types" reply
 MAX_JOBS_PER_FRAME = 32  # job statuses in one "jobs" frame: the largest ones fit
 MAX_CHUNKS_PER_FRAME = 1024  # output chunks in one "output" frame
@@ -321,17 +322,17 @@ def t_list(item: Schema, max_items: int) -> Schema:
     return Schema(check, _container([item.limits] * max_items, array_len=max_items))
 
 
-def t_tuple(description: str, *items: Schema) -> Schema:
-    """An array of exactly these items, in this order."""
+def t_tuple(**items: Schema) -> Schema:
+    """An array of exactly these items, in this order; they are named in messages only."""
+    description = f"[{', '.join(items)}]"
 
     def check(value: Any, path: str) -> list[Any]:
         if not isinstance(value, list) or len(value) != len(items):
             raise _fail(path, f"expected {description}")
-        return [
-            item(v, f"{path}[{i}]") for i, (item, v) in enumerate(zip(items, value, strict=True))
-        ]
+        pairs = zip(items.items(), value, strict=True)
+        return [item(v, f"{path}.{name}") for (name, item), v in pairs]
 
-    return Schema(check, _container([i.limits for i in items], array_len=len(items)))
+    return Schema(check, _container([i.limits for i in items.values()], array_len=len(items)))
 
 
 def t_enum(kind: type[enum.Enum]) -> Schema:
@@ -394,8 +395,8 @@ def _job_args(value: Any, path: str) -> dict[str, Any]:
     for key, item in value.items():
         name = _ARG_NAME(key, f"{path} key")
         if isinstance(item, dict):
-            if len(item) > MAX_VARIABLES:
-                raise _fail(f"{path}.{name}", f"more than {MAX_VARIABLES} entries")
+            if len(item) > MAX_ARG_ENTRIES:
+                raise _fail(f"{path}.{name}", f"more than {MAX_ARG_ENTRIES} entries")
             out[name] = {
                 _ARG_NAME(k, f"{path}.{name} key"): _scalar(v, f"{path}.{name}.{k}")
                 for k, v in item.items()
@@ -406,7 +407,7 @@ def _job_args(value: Any, path: str) -> dict[str, Any]:
 
 
 _NESTED_ARGS = _container(
-    [_ARG_NAME.limits, t_scalar.limits] * MAX_VARIABLES, map_len=MAX_VARIABLES
+    [_ARG_NAME.limits, t_scalar.limits] * MAX_ARG_ENTRIES, map_len=MAX_ARG_ENTRIES
 )
 # Job arguments: name -> scalar, or name -> map of name -> scalar (eval's variables). This checks
 # only shape and size; the job catalog checks meaning.
@@ -425,7 +426,7 @@ _TIME = t_optional(t_int(0, MAX_ID))
 MAX_LIMIT = 2**63 - 1
 _LIMITS = t_record({name: t_int(0, MAX_LIMIT) for name in LIMIT_NAMES})
 
-_AFTER = t_tuple("[created_ns, job_id]", t_int(), t_str(MAX_NAME, 1))
+_AFTER = t_tuple(created_ns=t_int(), job_id=t_str(MAX_NAME, 1))
 
 _OP_ARGS: dict[Op, Schema] = {
     Op.START: t_record(
@@ -487,17 +488,31 @@ def _status_from_wire(value: Any, path: str) -> JobStatus:
 
 
 _CHUNK = t_tuple(
-    "[offset, next_offset, timestamp_ns, stream, data]",
-    t_int(),
-    t_int(),
-    t_int(),
-    t_enum(Stream),
-    t_bytes(MAX_CHUNK_DATA),
+    offset=t_int(),
+    next_offset=t_int(),
+    timestamp_ns=t_int(),
+    stream=t_enum(Stream),
+    data=t_bytes(MAX_CHUNK_DATA),
 )
 
 
 def _chunk_from_wire(value: Any, path: str) -> OutputChunk:
-    chunk = OutputChunk(*_CHUNK(value, path))
+    # The common case first, in one step: a tail's frames hold up to 1024 chunks each.
+    if type(value) is list and len(value) == 5:
+        offset, next_offset, timestamp_ns, stream, data = value
+        if (
+            type(offset) is int
+            and type(next_offset) is int
+            and type(timestamp_ns) is int
+            and 0 <= offset < next_offset <= MAX_ID
+            and 0 <= timestamp_ns <= MAX_ID
+            and type(data) is bytes
+            and len(data) <= MAX_CHUNK_DATA
+            and type(stream) is int
+            and stream in (1, 2)
+        ):
+            return OutputChunk(offset, next_offset, timestamp_ns, Stream(stream), data)
+    chunk = OutputChunk(*_CHUNK(value, path))  # the slow way, which says what is wrong
     if chunk.next_offset <= chunk.offset:
         raise _fail(path, "next_offset must be after offset")
     return chunk
@@ -735,28 +750,36 @@ def encode_frame(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-# The first byte of a msgpack value beyond the fixed-size ranges: what it is, and how many bytes
-# follow it: for "str", "bin", "array" and "map" those hold the length, else they are the value.
-_TYPED_HEADERS: dict[int, tuple[str, int]] = {
-    0xC0: ("scalar", 0),  # nil
-    0xC2: ("scalar", 0),  # false
-    0xC3: ("scalar", 0),  # true
-    0xC4: ("bin", 1),
-    0xC5: ("bin", 2),
-    0xC6: ("bin", 4),
-    **{b: ("ext", 0) for b in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8)},
-    0xCA: ("scalar", 4),  # float 32
-    0xCB: ("scalar", 8),  # float 64
-    **{0xCC + i: ("scalar", 1 << i) for i in range(4)},  # uint 8..64
-    **{0xD0 + i: ("scalar", 1 << i) for i in range(4)},  # int 8..64
-    0xD9: ("str", 1),
-    0xDA: ("str", 2),
-    0xDB: ("str", 4),
-    0xDC: ("array", 2),
-    0xDD: ("array", 4),
-    0xDE: ("map", 2),
-    0xDF: ("map", 4),
-}
+_SCALAR, _STR, _BIN, _ARRAY, _MAP = range(5)  # what a msgpack value is, for _check_shape
+_KIND_NAMES = {_STR: "a string", _BIN: "binary data", _ARRAY: "an array", _MAP: "a map"}
+_KIND_UNITS = {_STR: "bytes", _BIN: "bytes", _ARRAY: "items", _MAP: "entries"}
+
+
+def _header_table() -> list[tuple[int, int, int] | None]:
+    """For each first byte of a msgpack value: its kind, how many bytes after it hold its
+    length, and its length when none do (for a scalar: how many bytes after it hold it). None
+    for what frames may not hold: the unused byte 0xc1 and extension types."""
+    table: list[tuple[int, int, int] | None] = [None] * 256
+    for first in (*range(0x00, 0x80), *range(0xE0, 0x100), 0xC0, 0xC2, 0xC3):
+        table[first] = (_SCALAR, 0, 0)  # small integers, nil, false, true
+    for n in range(16):
+        table[0x80 + n] = (_MAP, 0, n)
+        table[0x90 + n] = (_ARRAY, 0, n)
+    for n in range(32):
+        table[0xA0 + n] = (_STR, 0, n)
+    table[0xCA], table[0xCB] = (_SCALAR, 0, 4), (_SCALAR, 0, 8)  # floats
+    for i in range(4):
+        table[0xCC + i] = table[0xD0 + i] = (_SCALAR, 0, 1 << i)  # integers of 1..8 bytes
+    for i in range(3):
+        table[0xC4 + i] = (_BIN, 1 << i, 0)
+        table[0xD9 + i] = (_STR, 1 << i, 0)
+    for i in range(2):
+        table[0xDC + i] = (_ARRAY, 2 << i, 0)
+        table[0xDE + i] = (_MAP, 2 << i, 0)
+    return table
+
+
+_HEADERS = _header_table()
 
 
 def _check_shape(body: bytes, limits: Limits) -> None:
@@ -764,6 +787,8 @@ def _check_shape(body: bytes, limits: Limits) -> None:
     builds anything from it: too deep, too many values, an array, map, string or binary too
     long. Reads value headers only (string and binary contents are skipped), so this takes at
     most ``limits.values`` steps, whatever the frame holds."""
+    maxima = (0, limits.str_bytes, limits.bin_bytes, limits.array_len, limits.map_len)
+    end = len(body)
     pending = [1]  # values still to come in each open container, the outermost first
     pos = values = 0
     while pending:
@@ -776,58 +801,37 @@ def _check_shape(body: bytes, limits: Limits) -> None:
             raise ProtocolError(
                 f"frame holds more than {limits.values} values; no message has more"
             )
-        if pos >= len(body):
+        if pos >= end:
             raise ProtocolError("frame is not valid msgpack: it ends in the middle of a value")
-        first = body[pos]
-        if first <= 0x7F or first >= 0xE0:  # fixed integers
-            kind, length, pos = "scalar", 0, pos + 1
-        elif first <= 0x8F:
-            kind, length, pos = "map", first & 0x0F, pos + 1
-        elif first <= 0x9F:
-            kind, length, pos = "array", first & 0x0F, pos + 1
-        elif first <= 0xBF:
-            kind, length, pos = "str", first & 0x1F, pos + 1
-        elif first == 0xC1:
-            raise ProtocolError(f"frame is not valid msgpack: byte 0xc1 at {pos}")
-        else:
-            kind, size = _TYPED_HEADERS[first]
-            if kind == "ext":
-                raise ProtocolError("frame holds a msgpack extension type, which is not allowed")
-            pos += 1
-            if kind == "scalar":
-                length, pos = 0, pos + size
-            else:
-                length, pos = int.from_bytes(body[pos : pos + size]), pos + size
-        limit = {
-            "str": limits.str_bytes,
-            "bin": limits.bin_bytes,
-            "array": limits.array_len,
-            "map": limits.map_len,
-        }.get(kind)
-        if limit is not None and length > limit:
-            raise ProtocolError(
-                f"frame holds {_sized(kind, length)}; no message has more than {limit}"
-            )
-        if kind in ("str", "bin"):
+        header = _HEADERS[body[pos]]
+        if header is None:
+            if body[pos] == 0xC1:
+                raise ProtocolError(f"frame is not valid msgpack: byte 0xc1 at {pos}")
+            raise ProtocolError("frame holds a msgpack extension type, which is not allowed")
+        kind, width, length = header
+        pos += 1
+        if width:
+            length = int.from_bytes(body[pos : pos + width])
+            pos += width
+        if kind == _SCALAR:
             pos += length
-        elif kind in ("array", "map"):
-            if len(pending) > limits.depth:
-                raise ProtocolError(
-                    f"frame nests containers more than {limits.depth} deep; no message does"
-                )
-            pending.append(length * 2 if kind == "map" else length)
-    if pos != len(body):
-        where = "it ends in the middle of a value" if pos > len(body) else "bytes after the message"
+            continue
+        if length > maxima[kind]:
+            raise ProtocolError(
+                f"frame holds {_KIND_NAMES[kind]} of {length} {_KIND_UNITS[kind]}; "
+                f"no message has more than {maxima[kind]}"
+            )
+        if kind <= _BIN:  # a string or binary data: skip it
+            pos += length
+        elif len(pending) > limits.depth:
+            raise ProtocolError(
+                f"frame nests containers more than {limits.depth} deep; no message does"
+            )
+        else:
+            pending.append(length if kind == _ARRAY else 2 * length)
+    if pos != end:
+        where = "it ends in the middle of a value" if pos > end else "bytes after the message"
         raise ProtocolError(f"frame is not valid msgpack: {where}")
-
-
-def _sized(kind: str, length: int) -> str:
-    return {
-        "str": f"a string of {length} bytes",
-        "bin": f"binary data of {length} bytes",
-        "array": f"an array of {length} items",
-        "map": f"a map of {length} entries",
-    }[kind]
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

@@ -3,17 +3,21 @@ schemas, and the runner keeps serving everyone else meanwhile."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
 
 from shared import protocol as p
-from shared.errors import ErrorCode
-from tests.conftest import Daemon
+from shared.errors import ErrorCode, Internal
+from tests.conftest import Daemon, write_runner_config
 from tests.integration import runner_wire as w
+from workernator_api.runner_client import RunnerClient
+from workernator_runner.config import RunnerConfig
 
 ATTACKS = 5
 
@@ -160,3 +164,25 @@ def test_frames_beyond_every_message_are_refused_and_the_runner_serves_on(
         assert isinstance(reply, p.End)
     finally:
         peer.close()
+
+
+@pytest.mark.privileged
+async def test_a_reply_the_api_would_refuse_is_not_sent_and_the_connection_carries_on(
+    runner_config: RunnerConfig, state_dir: Path
+) -> None:
+    modules = (*runner_config.job_modules, "tests.integration.odd_jobs")
+    cfg = dataclasses.replace(runner_config, job_modules=modules)
+    write_runner_config(cfg, state_dir / "odd.toml")
+    runner = Daemon(cfg, state_dir / "odd.toml", state_dir / "odd.log")
+    runner.start()
+    try:
+        async with RunnerClient(cfg.socket) as client:
+            with pytest.raises(Internal, match="internal error"):
+                await client.types("alice", "user")  # its frame would break the connection
+            job = await client.start("alice", "user", "noop", {})  # the connection carries on
+            assert (await client.status("alice", "user", job.id)).id == job.id
+    finally:
+        runner.stop()
+    log = runner.log_path.read_text()
+    assert "refusing to send a TypesReply the peer would refuse" in log
+    assert "types[" in log and "length must be 1..64, got 65" in log
