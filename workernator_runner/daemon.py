@@ -29,6 +29,7 @@ MAX_REQUESTS_PER_CONNECTION = 256
 # a 4096-character error), so this many always fit in one frame.
 JOBS_PER_FRAME = p.MAX_JOBS_PER_FRAME
 MAX_CONNECTIONS = 128
+TURN_SECONDS = 0.002  # how long one connection's frames may keep the others waiting
 SHUTDOWN_CLOSE_SECONDS = 2.0  # at shutdown, how long a peer gets to take what was sent
 SOFTWARE = "workernator-runner 0.1"
 _UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -64,6 +65,8 @@ class _Session:
 
     async def run(self) -> None:
         await self.send(p.Hello(software=SOFTWARE))
+        loop = asyncio.get_running_loop()
+        turn_ends = loop.time() + TURN_SECONDS
         try:
             while True:
                 data = await self.reader.read(64 * 1024)
@@ -85,9 +88,9 @@ class _Session:
                     if message is None:
                         break
                     await self.dispatch(message)
-                    # A peer that sends many frames at once (one read holds thousands of small
-                    # ones) must not keep the other connections waiting meanwhile.
-                    await asyncio.sleep(0)
+                    if loop.time() > turn_ends:  # a peer sending many frames at once
+                        await asyncio.sleep(0)  # lets the other connections have their turn
+                        turn_ends = loop.time() + TURN_SECONDS
         except p.ProtocolError as exc:
             log.warning("protocol error; closing connection", error=exc.message)
             with contextlib.suppress(ConnectionError):
