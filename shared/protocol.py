@@ -5,9 +5,12 @@ into validated messages and messages into bytes, like h11 does for HTTP: the soc
 it is thin, and the codec can be tested and fuzzed on its own.
 
 Every frame is checked against an explicit schema before anything uses it: unknown message
-types, unknown keys, wrong types and oversized values are errors, never ignored. A
-:class:`ProtocolError` means the peer is broken or hostile; the socket code answers it with an
-error frame and closes that connection.
+types, unknown keys, wrong types and oversized values are errors, never ignored. Even before
+msgpack builds anything from a frame, the frame is checked against the most those schemas
+allow (:func:`_check_shape`), so what decoding builds is bounded by the protocol, not by what
+the peer sends. A :class:`ProtocolError` means the peer is broken or hostile; the socket code
+answers it with an error frame and closes that connection. What a side sends is checked with
+its peer's schemas first (:meth:`Connection.send`).
 
 Conversation::
 
