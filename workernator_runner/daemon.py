@@ -195,8 +195,8 @@ class Server:
         # Checked first (files.UnsafePath): a refusal leaves nothing behind, not even a launcher.
         directory = files.open_dir(path.parent, 0o755)
         try:
-            await self.manager.open()
             _remove_stale_socket(directory, path)
+            await self.manager.open()
             sock = self._listen(directory, path.name)
         finally:
             os.close(directory)
