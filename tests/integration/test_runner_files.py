@@ -431,9 +431,11 @@ def full_disk_daemon(runner_config: RunnerConfig, state_dir: Path) -> Iterator[D
         d.start()
         yield d
     finally:
-        d.stop()
-        _stop_leftover_jobs(runner_config)
-        subprocess.run(["umount", str(jobs)], check=True)
+        try:
+            d.stop()
+            _stop_leftover_jobs(runner_config)
+        finally:
+            subprocess.run(["umount", str(jobs)], check=True)
 
 
 async def test_output_on_a_full_disk_leaves_whole_records_and_the_end_is_recorded(
