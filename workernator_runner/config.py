@@ -55,6 +55,7 @@ from workernator_runner.limits import Policy
 DEFAULT_PATH = Path("/etc/workernator/runner.toml")
 DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
 DEFAULT_POLICY = Policy(maxima=ResourceLimits(pids=4096))
+MAX_UID = 2**32 - 2
 
 
 class ConfigError(ValueError):
@@ -214,8 +215,11 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
                 raise ConfigError(f"{name}: must give no permissions to others, got {value}")
             kw[key] = mode
         elif key == "allowed_uids":
-            uids = _expect(value, list, name)
-            kw[key] = frozenset(_expect(u, int, name) for u in uids)
+            uids = [_expect(u, int, name) for u in _expect(value, list, name)]
+            for uid in uids:  # a uid is unsigned, and (uid_t)-1 names nobody
+                if not 0 <= uid <= MAX_UID:
+                    raise ConfigError(f"{name}: {uid} is not a uid (0 to {MAX_UID})")
+            kw[key] = frozenset(uids)
         elif key in ("job_modules", "allowed_users"):
             kw[key] = tuple(_expect(m, str, name) for m in _expect(value, list, name))
         elif key == "stop_grace_seconds":

@@ -22,6 +22,7 @@ from shared import protocol as p
 from shared.errors import ErrorCode, WorkernatorError
 from shared.model import OutputChunk
 from workernator_runner import config as config_mod
+from workernator_runner import files
 from workernator_runner.manager import JobManager
 
 MAX_REQUESTS_PER_CONNECTION = 256
@@ -32,15 +33,20 @@ MAX_CONNECTIONS = 128
 TURN_SECONDS = 0.002  # how long one connection's frames may keep the others waiting
 SHUTDOWN_CLOSE_SECONDS = 2.0  # at shutdown, how long a peer gets to take what was sent
 SOFTWARE = "workernator-runner 0.1"
-_UCRED = struct.Struct("3i")  # pid, uid, gid
+# struct ucred: pid_t pid (signed), uid_t uid and gid_t gid (unsigned: a uid above 2**31 is
+# no negative number, and cannot match one).
+_UCRED = struct.Struct("=iII")
+
+
+def parse_ucred(data: bytes) -> tuple[int, int, int]:
+    """(pid, uid, gid) from the bytes of a ``struct ucred``."""
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    return pid, uid, gid
+    return parse_ucred(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
 class _Session:
@@ -191,36 +197,43 @@ class Server:
             self.failed.set_result(f"the launcher exited ({reason}); no job could start")
 
     async def start(self) -> None:
-        await self.manager.open()
         path = self.config.socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        _remove_stale_socket(path)
-        self._server = await asyncio.start_unix_server(self._accept, sock=self._listen(path))
+        # Checked first (files.UnsafePath): a refusal leaves nothing behind, not even a launcher.
+        directory = files.open_dir(path.parent, 0o755)
+        try:
+            _remove_stale_socket(directory, path)
+            await self.manager.open()
+            sock = self._listen(directory, path.name)
+        finally:
+            os.close(directory)
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
         log.info("runner listening", socket=str(path), allowed_uids=sorted(self.allowed_uids))
 
-    def _listen(self, path: Path) -> socket.socket:
-        """A listening socket at ``path`` with its final mode and group from the first moment:
-        it is made under a temporary name and renamed into place once it listens."""
+    def _listen(self, directory: int, name: str) -> socket.socket:
+        """A listening socket named ``name`` in the directory ``directory`` (a descriptor),
+        with its final mode and group from the first moment: it is made under a temporary name
+        and renamed into place once it listens. Nothing here follows a symbolic link: bind
+        refuses a name that exists, and the chown does not follow one."""
         gid = self.config.socket_gid()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = f".{name}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=directory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777)  # nobody can connect until the mode is set
         try:
-            sock.bind(str(tmp))
-        finally:
-            os.umask(old_umask)
-        try:
+            # Born with socket_mode; nobody can connect before listen() anyway.
+            old_umask = os.umask(0o777 & ~self.config.socket_mode)
+            try:
+                sock.bind(f"/proc/self/fd/{directory}/{tmp}")  # in that very directory
+            finally:
+                os.umask(old_umask)
             if gid is not None:
-                os.chown(tmp, -1, gid)
-            os.chmod(tmp, self.config.socket_mode)
+                os.chown(tmp, -1, gid, dir_fd=directory, follow_symlinks=False)
             sock.listen(128)
-            os.rename(tmp, path)
+            os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                os.unlink(tmp, dir_fd=directory)
             raise
         return sock
 
@@ -270,18 +283,21 @@ class Server:
         await _Session(self.manager, reader, writer).run()
 
 
-def _remove_stale_socket(path: Path) -> None:
+def _remove_stale_socket(directory: int, path: Path) -> None:
+    """Remove a socket left at ``path`` (in the directory ``directory``) by a runner that did not
+    shut down cleanly; anything else there is an error."""
     try:
-        mode = path.lstat().st_mode
+        mode = os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise config_mod.ConfigError(f"{path} exists and is not a socket")
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a socket"
+        raise config_mod.ConfigError(f"{path} exists and is {kind}; move it away")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
+        probe.connect(f"/proc/self/fd/{directory}/{path.name}")
     except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink()  # left behind by a runner that did not shut down cleanly
+        os.unlink(path.name, dir_fd=directory)
         return
     finally:
         probe.close()
@@ -296,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         load=config_mod.load,
         default=config_mod.RunnerConfig,
         service=Server,
-        errors=(config_mod.ConfigError,),
+        errors=(config_mod.ConfigError, files.UnsafePath),
         argv=argv,
     )
 

@@ -36,7 +36,7 @@ from shared import ids, log
 from shared.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits
 from shared.protocol import MAX_CHUNKS_PER_FRAME
-from workernator_runner import cgroups, inotify, linux, network, store
+from workernator_runner import cgroups, files, inotify, linux, network, store
 from workernator_runner import launch as wire
 from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import Network, Registry, load_registry
@@ -98,8 +98,9 @@ class JobManager:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         uid, gid = cfg.job_ids()
-        for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Made, or checked that nobody but root could have changed them (files.UnsafePath).
+        for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir, cfg.sandbox_dir):
+            os.close(files.open_dir(path, 0o700))
         # First, and before the launcher: under systemd this moves the runner into its leaf.
         self.cgroups = cgroups.detect(cfg.workspaces_dir, use_freezer=self._use_freezer)
         log.info(
@@ -231,7 +232,10 @@ class JobManager:
             state = store.StateFile(
                 state=JobState.FAILED, error="the job's state was lost while it was starting"
             )
-            store.write_state(job_dir, state)
+            try:  # unless its monitor, which may still be starting it, recorded it meanwhile
+                store.write_state(job_dir, state, exclusive=True)
+            except FileExistsError:
+                state = store.read_state(job_dir) or state
         job.state = state
         if state.state.finished:
             self._unwatch(job)
@@ -360,9 +364,16 @@ class JobManager:
         job.state.state = JobState.FAILED
         job.state.ended_ns = job.state.ended_ns or time.time_ns()
         job.state.error = "the job's monitor ended unexpectedly; the job was lost"
-        store.write_state(job.dir, job.state)
-        self._refresh(job)
         log.error("job lost", job=job.request.id)
+        try:  # its monitor, the only other writer, is gone: what it left half-made goes too
+            store.remove_temps(job.dir)
+            store.write_state(job.dir, job.state)
+        except OSError as exc:  # a full disk, say: the end is known here until a restart
+            log.error("cannot record the end of a lost job", job=job.request.id, error=str(exc))
+            self._unwatch(job)
+            job.notify()
+            return
+        self._refresh(job)
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -447,8 +458,10 @@ class JobManager:
             job_id, job_type, self.config.stop_grace_seconds, request.address, effective
         )
         try:
-            # Not synced to disk now: the monitor does that when the job ends.
-            store.write_request(job_dir, request, durable=False)
+            try:  # not synced to disk now: the monitor does that when the job ends
+                store.write_request(job_dir, request, durable=False)
+            except OSError as exc:
+                raise Internal(f"the runner cannot record a new job: {exc.strerror}") from None
             self._watch(job)  # the monitor creates the output file
             try:
                 await launcher.launch(header, clean_args, START_TIMEOUT_SECONDS)

@@ -21,6 +21,8 @@ line by line, and it never returns into the launcher's code (the launcher ``os._
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import os
 import selectors
 import shutil
@@ -28,13 +30,14 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared import ids
 from shared.model import JobState, ResourceLimits, Stream
 from shared.units import format_size
-from workernator_runner import cgroups, linux, network, sandbox, store
+from workernator_runner import cgroups, files, linux, network, sandbox, store
 from workernator_runner import launch as wire
 from workernator_runner.jobs import Job, Network
 
@@ -101,6 +104,9 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # A file size limit (RLIMIT_FSIZE) makes a write fail with EFBIG instead of killing this:
+    # the job's end is still recorded. (Set after the init was forked: it has the default.)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     message = _receive(jobs)
     if message is None:  # the runner is gone: this spare is not needed
@@ -116,7 +122,6 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         job.abandon()
         return 1
     job_id = header.job_id
-    job_dir = host.jobs_dir / job_id
     state = store.StateFile(
         state=JobState.RUNNING,
         monitor_pid=os.getpid(),
@@ -126,40 +131,54 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         boot_id=linux.boot_id(),
         cgroup=job.cgroup.name,
     )
+    recorded = False
     try:
         job.hand_over(header, message[args_start:])  # the init goes on with its part...
         # ...while this takes care of the rest (the runner reads state.json once told).
         job.take_workspace()
+        # Every file of the job is named relative to this (made by the runner, checked here).
+        dir_fd = os.open(host.jobs_dir / job_id, files.DIR_FLAGS)
         output_fd = os.open(
-            job_dir / store.OUTPUT_FILE,
+            store.OUTPUT_FILE,
             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
             0o600,
+            dir_fd=dir_fd,
         )
         state.started_ns = time.time_ns()
-        store.write_state(job_dir, state, durable=False)  # lost with the machine anyway
+        try:  # not synced: lost with the machine anyway
+            store.write_state_at(dir_fd, state, durable=False, exclusive=True)
+        except FileExistsError:  # a restarted runner recorded this job as failed meanwhile
+            raise StartFailed("the runner gave this job up while it was starting") from None
+        recorded = True
         job.wait_running()
     except BaseException as exc:
         job.abandon()
         text = str(exc) if isinstance(exc, StartFailed | OSError) else repr(exc)
-        if state.started_ns is not None:  # recorded as running: record the truth
+        if recorded:  # recorded as running: record the truth
             state.state, state.error = JobState.FAILED, f"could not start: {text}"
             with contextlib.suppress(OSError):
-                store.write_state(job_dir, state)
+                store.write_state_at(dir_fd, state)
         _reply(jobs, wire.START_FAILED, job_id, text)
         _tell(notify, TOOK + pid + job_id.encode())
         return 1
     del message
     _reply(jobs, wire.STARTED, job_id, "")
     _tell(notify, TOOK + pid + job_id.encode())  # now the launcher may fork the next spare
+    last_write = store.reserve(dir_fd, store.STATE_FILE)  # the end is recorded on a full disk
 
-    pump = _Pump(output_fd)
+    def output_lost(problem: str) -> None:
+        """Say so while the job runs (if there is room for that: the end has its own)."""
+        with contextlib.suppress(OSError):
+            store.write_state_at(dir_fd, dataclasses.replace(state, error=problem), durable=False)
+
+    pump = _Pump(output_fd, output_lost)
     wait_status = job.supervise(wake_r, pump, state, header.grace_seconds)
     pump.flush_all()
     usage = job.finish()
     job.cleanup()
     _finish(state, wait_status, usage, pump.write_error, header.limits)
-    store.sync_file(job_dir / store.JOB_FILE)  # written quickly at the start; now for keeps
-    store.write_state(job_dir, state)
+    store.sync_file(dir_fd, store.JOB_FILE)  # written quickly at the start; now for keeps
+    store.write_state_at(dir_fd, state, reserve=last_write)
     return 0
 
 
@@ -175,7 +194,7 @@ def _rehearse(host: Host) -> None:
     store.state_json(store.StateFile(started_ns=time.time_ns()))
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        pump = _Pump(null)
+        pump = _Pump(null, lambda problem: None)
         pump.feed(Stream.STDOUT, b"[JOB] rehearsal\n")
         pump.flush_all()
     finally:
@@ -232,9 +251,9 @@ class _Job:
         """Make the sandbox's workspace, fork the init and wait until the sandbox is
         prepared. The workspace takes the job's id when there is a job."""
         host = self.host
-        self.workspace = host.workspaces_dir / f"{SPARE_PREFIX}{os.getpid()}"
-        os.mkdir(self.workspace, 0o700)
-        os.chown(self.workspace, host.sandbox.uid, host.sandbox.gid)
+        name = f"{SPARE_PREFIX}{os.getpid()}"
+        self.workspace = host.workspaces_dir / name
+        files.make_dir(host.workspaces_dir, name, 0o700, host.sandbox.uid, host.sandbox.gid)
         self.cgroup.create()
         self.cgroup_made = True
         self.cgroup.set_limits(host.default_limits)
@@ -422,8 +441,10 @@ class _Job:
 class _Pump:
     """Turns pipe reads into output records that end on line boundaries."""
 
-    def __init__(self, output_fd: int) -> None:
+    def __init__(self, output_fd: int, on_failure: Callable[[str], None]) -> None:
         self.fd = output_fd
+        self.end = os.fstat(output_fd).st_size  # where the last whole record ends
+        self.on_failure = on_failure
         self.pending = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
         self.deadline: dict[Stream, float | None] = {Stream.STDOUT: None, Stream.STDERR: None}
         self.write_error = ""
@@ -465,13 +486,29 @@ class _Pump:
         return min(deadlines) if deadlines else None
 
     def _write(self, stream: Stream, data: bytes) -> None:
+        """Append one record whole. When it cannot be (a full disk, a file size limit), cut
+        the file back to the last whole record and save no more: a reader must never meet half
+        a record, nor records after a gap."""
+        if self.write_error:
+            return
         record = store.encode_record(time.time_ns(), stream, data)
         try:
-            written = os.write(self.fd, record)
-            if written != len(record):  # only on a full disk; the record is unusable
-                raise OSError(f"short write ({written} of {len(record)} bytes)")
+            left = memoryview(record)
+            while left:
+                written = os.write(self.fd, left)
+                if not written:
+                    raise OSError(errno.EIO, "nothing written")
+                left = left[written:]
         except OSError as exc:
-            self.write_error = self.write_error or f"output could not be saved: {exc}"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.end)
+            self.write_error = (
+                f"output could not be saved after byte {self.end} "
+                f"({exc.strerror or exc}); what the job printed after that is lost"
+            )
+            self.on_failure(self.write_error)
+        else:
+            self.end += len(record)
 
 
 def _describe_status(status: int) -> str:

@@ -5,13 +5,21 @@
 - ``job.json``: what was asked (type, arguments, owner, creation time). Written once by the
   runner before the job starts.
 - ``state.json``: what happened (state, pids, times, exit status, usage). Written by the job's
-  monitor, always whole (temporary file, then rename), so a reader never sees half of it.
+  monitor; by the runner only where no monitor can write it (before a monitor existed, or once
+  it is gone). The first write creates it only if there is none, so of a restarted runner and a
+  monitor that both think they own a job, exactly one does.
 - ``output``: the job's output as msgpack records ``[timestamp_ns, stream, bytes]``, appended
-  by the monitor as output arrives.
+  by the monitor as output arrives; a record is there whole or not at all.
+
+The JSON files are always written whole: into a temporary file of a unique name, created
+exclusively, then renamed over the old one, so a reader never sees half of one and two
+writers never share a temporary file. No name in a job's directory is followed when it is a
+symbolic link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +30,7 @@ from typing import Any
 import msgpack
 
 from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits, Stream
+from workernator_runner.files import DIR_FLAGS
 
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
@@ -31,6 +40,9 @@ MAX_RECORD_DATA = 64 * 1024  # bytes of output in one record
 NO_LIMITS = ResourceLimits()
 READ_SIZE = 64 * 1024
 MAX_BATCH_CHUNKS = 1024  # records in one batch; with the byte limit, a batch fits one frame
+RESERVE_BYTES = 16 * 1024  # room a monitor keeps for its job's last state (about 1 KiB)
+TEMP_SUFFIX = ".tmp"
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -68,29 +80,120 @@ class StateFile:
     oom_killed: bool = False
 
 
-def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
-    """Write ``path`` whole: a reader sees the old or the new contents, never a mix. With
-    ``durable``, the contents are on disk before the rename (they survive a crash)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+@dataclass(frozen=True)
+class Reserve:
+    """A temporary file with room already taken on disk, for a write to come."""
+
+    name: str
+    fd: int
+
+
+def write_json_atomic(
+    path: Path, data: dict[str, Any], *, durable: bool = True, exclusive: bool = False
+) -> None:
+    """:func:`write_json_at` in the directory of ``path`` (never through a symbolic link)."""
+    dir_fd = os.open(path.parent, DIR_FLAGS)
     try:
-        view = memoryview(json.dumps(data, sort_keys=True).encode())
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fsync(fd)
+        write_json_at(dir_fd, path.name, data, durable=durable, exclusive=exclusive)
     finally:
+        os.close(dir_fd)
+
+
+def write_json_at(
+    dir_fd: int,
+    name: str,
+    data: dict[str, Any],
+    *,
+    durable: bool = True,
+    exclusive: bool = False,
+    reserve: Reserve | None = None,
+) -> None:
+    """Write ``name`` in the directory ``dir_fd`` whole: a reader sees the old or the new
+    contents, never a mix. The contents go to a temporary file of a unique name (``reserve``'s,
+    when given), renamed over ``name``; with ``exclusive``, only if there is no ``name`` yet
+    (FileExistsError otherwise). With ``durable``, they are on disk when this returns (they
+    survive a crash). On failure nothing is left but the old file."""
+    body = json.dumps(data, sort_keys=True).encode()
+    temp, fd = (reserve.name, reserve.fd) if reserve is not None else _create_temp(dir_fd, name)
+    try:
+        try:
+            done = 0
+            while done < len(body):
+                done += os.pwrite(fd, body[done:], done)
+            if reserve is not None:
+                os.ftruncate(fd, len(body))
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.unlink(temp, dir_fd=dir_fd)
+        else:
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if durable:
+            os.fsync(dir_fd)  # the new name, too
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+
+
+def _create_temp(dir_fd: int, name: str) -> tuple[str, int]:
+    """A new file ``.<name>.<random>.tmp``: created exclusively, so neither another writer's
+    temporary file nor a planted link is ever reused or followed."""
+    while True:
+        temp = f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return temp, os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:  # 2**48 names: only if someone made this one
+            continue
+
+
+def reserve(dir_fd: int, name: str) -> Reserve | None:
+    """A temporary file for the next write of ``name`` with :data:`RESERVE_BYTES` already
+    allocated, so that it succeeds on a full disk; None when there is no room now either."""
+    temp, fd = _create_temp(dir_fd, name)
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
         os.close(fd)
-    os.rename(tmp, path)
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        return None
+    return Reserve(temp, fd)
 
 
-def sync_file(path: Path) -> None:
-    """Make sure ``path``'s contents are on disk (they were written without syncing)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+def remove_temps(job_dir: Path) -> list[str]:
+    """Remove the temporary files a writer that died left in ``job_dir``; only for a caller
+    that knows no writer is at work there. Returns their names."""
+    dir_fd = os.open(job_dir, DIR_FLAGS)
+    try:
+        removed = []
+        for name in os.listdir(dir_fd):
+            if name.startswith((f".{JOB_FILE}.", f".{STATE_FILE}.")) and name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+                    removed.append(name)
+        return removed
+    finally:
+        os.close(dir_fd)
+
+
+def sync_file(dir_fd: int, name: str) -> None:
+    """Make sure the contents of ``name`` in ``dir_fd`` are on disk (written without syncing)."""
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read(path: Path) -> bytes:
+    """The whole file, never through a symbolic link."""
+    with os.fdopen(os.open(path, _READ_FLAGS), "rb") as f:
+        return f.read()
 
 
 def write_request(job_dir: Path, request: JobRequest, *, durable: bool = True) -> None:
@@ -111,7 +214,7 @@ def write_request(job_dir: Path, request: JobRequest, *, durable: bool = True) -
 
 
 def read_request(job_dir: Path) -> JobRequest:
-    data = json.loads((job_dir / JOB_FILE).read_bytes())
+    data = json.loads(_read(job_dir / JOB_FILE))
     return JobRequest(
         id=str(data["id"]),
         type=str(data["type"]),
@@ -130,14 +233,29 @@ def state_json(state: StateFile) -> dict[str, Any]:
     return data
 
 
-def write_state(job_dir: Path, state: StateFile, *, durable: bool = True) -> None:
-    write_json_atomic(job_dir / STATE_FILE, state_json(state), durable=durable)
+def write_state(
+    job_dir: Path, state: StateFile, *, durable: bool = True, exclusive: bool = False
+) -> None:
+    write_json_atomic(job_dir / STATE_FILE, state_json(state), durable=durable, exclusive=exclusive)
+
+
+def write_state_at(
+    dir_fd: int,
+    state: StateFile,
+    *,
+    durable: bool = True,
+    exclusive: bool = False,
+    reserve: Reserve | None = None,
+) -> None:
+    write_json_at(
+        dir_fd, STATE_FILE, state_json(state), durable=durable, exclusive=exclusive, reserve=reserve
+    )
 
 
 def read_state(job_dir: Path) -> StateFile | None:
     """The job's state, or None when there is no state file yet; ValueError when unreadable."""
     try:
-        data = json.loads((job_dir / STATE_FILE).read_bytes())
+        data = json.loads(_read(job_dir / STATE_FILE))
     except FileNotFoundError:
         return None
     try:
@@ -179,7 +297,7 @@ class RecordReader:
     """
 
     def __init__(self, path: Path, offset: int = 0) -> None:
-        self._file = path.open("rb")
+        self._file = os.fdopen(os.open(path, _READ_FLAGS), "rb")
         self._file.seek(offset)
         self._start = offset
         self.offset = offset  # position of the next record not yet returned
