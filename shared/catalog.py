@@ -83,6 +83,13 @@ class JobSpec:
     # A check across arguments, run after each argument validated on its own.
     check: Callable[[Mapping[str, Any]], None] | None = field(default=None, compare=False)
 
+    def arg(self, name: str) -> ArgSpec:
+        """The argument called ``name`` (KeyError when there is none)."""
+        for spec in self.args:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
     def validate(self, args: Mapping[str, object]) -> dict[str, Any]:
         """Validate and normalize ``args``; raise :class:`InvalidArgument` saying what is wrong."""
         if not isinstance(args, Mapping):

@@ -121,6 +121,12 @@ def parse_duration(text: str, maximum: float = catalog.MAX_WAIT_SECONDS) -> floa
     with units ``d``, ``h``, ``m``, ``s``, ``ms``, largest first (``1m30s``, ``500ms``,
     ``1h2m3.5s``), at most ``maximum`` (by default the longest wait a job may have). Raise
     :class:`ValueError` with a message for people otherwise."""
+    shown = text.strip()
+    if shown.startswith("-") and _is_positive_duration(shown[1:]):  # a duration, but negative
+        raise ValueError(
+            f"{shown!r} is negative: a wait is from 0 seconds to "
+            f"{format_duration(maximum, precise=True)} ({maximum:g} seconds)"
+        )
     seconds = _parse_duration(text)
     if seconds > maximum:
         raise ValueError(
@@ -128,6 +134,13 @@ def parse_duration(text: str, maximum: float = catalog.MAX_WAIT_SECONDS) -> floa
             f"({maximum:g} seconds)"
         )
     return seconds
+
+
+def _is_positive_duration(text: str) -> bool:
+    try:
+        return _parse_duration(text) > 0
+    except ValueError:
+        return False
 
 
 def _parse_duration(text: str) -> float:
