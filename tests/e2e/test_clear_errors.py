@@ -66,7 +66,7 @@ def _job_ids(stack: Stack, user: str) -> set[str]:
 
 async def test_health_list_answers_every_registered_service(stack: Stack) -> None:
     async with channel(stack, "carol") as ch:
-        stub: Any = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
+        stub: Any = health_pb2_grpc.HealthStub(ch)
         listed = await stub.List(health_pb2.HealthListRequest(), timeout=10)  # type: ignore[attr-defined]
         statuses = {name: response.status for name, response in listed.statuses.items()}
         assert statuses == {
