@@ -11,8 +11,6 @@ does: ``\\x1b``, ``\\u202e``. The CLI applies :func:`printable` again before pri
 
 from __future__ import annotations
 
-import unicodedata
-
 from shared.model import MAX_FAILURE_REASON
 
 ELLIPSIS = "…"
@@ -28,20 +26,15 @@ def _escape(char: str) -> str:
     return f"\\U{code:08x}"
 
 
-def _shown_as_is(char: str) -> bool:
-    """Not a control, format, surrogate, private-use or unassigned character (categories C*),
-    nor a line or paragraph separator."""
-    category = unicodedata.category(char)
-    return category[0] != "C" and category not in ("Zl", "Zp")
-
-
 def printable(text: str, limit: int) -> str:
-    """``text`` with every character that is not plainly visible escaped, at most ``limit``
-    characters long: a longer result is cut (never inside an escape) and ends with ``…``."""
+    """``text`` with every character that is not printable escaped (:meth:`str.isprintable`:
+    controls, format characters such as bidirectional overrides, separators other than the
+    space, unassigned and private-use code points), at most ``limit`` characters long: a longer
+    result is cut (never inside an escape) and ends with ``…``."""
     pieces: list[str] = []
     size = 0
     for char in text:
-        piece = char if _shown_as_is(char) else _escape(char)
+        piece = char if char.isprintable() else _escape(char)
         pieces.append(piece)
         size += len(piece)
         if size > limit:
