@@ -909,10 +909,11 @@ _EXPRESSION_SPEC = catalog.EVAL.arg("expression")
 
 
 def _read_expression(path: str) -> str:
-    """The expression in the file ``path`` (``-``: standard input), surrounding blanks
-    removed; an error naming the file when it cannot be read, is empty, is not UTF-8, or is
-    longer than the catalog allows."""
-    name = "standard input (-f -)" if path == "-" else f"the expression file {path} (-f)"
+    """The expression in the file ``path`` (``-``: standard input), surrounding blanks (and a
+    byte order mark) removed; an error naming the file when it cannot be read, is empty, is not
+    UTF-8, or is longer than the catalog allows."""
+    where = "standard input (-f -)" if path == "-" else f"{path} (-f)"
+    what = where if path == "-" else f"the expression file {where}"
     try:
         if path == "-":
             data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
@@ -920,25 +921,25 @@ def _read_expression(path: str) -> str:
             with open(path, "rb") as f:
                 data = f.read(MAX_REQUEST_BYTES + 1)
     except OSError as exc:
-        raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot read {what}: {exc.strerror or exc}") from None
     limit = _EXPRESSION_SPEC.length_limit
     if len(data) > MAX_REQUEST_BYTES:
         raise CliError(
-            f"{name} is larger than {MAX_REQUEST_BYTES} bytes; an expression is at most "
+            f"{what} is larger than {MAX_REQUEST_BYTES} bytes; an expression is at most "
             f"{limit} characters"
         )
     try:
-        expression = data.decode("utf-8").strip()
+        expression = data.decode("utf-8").removeprefix("\ufeff").strip()
     except UnicodeDecodeError as exc:
         raise CliError(
-            f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
         ) from None
     if not expression:
-        raise CliError(f"{name} is empty" + (" (blanks only)" if data else ""))
+        raise CliError(f"{what} is empty" + (" (blanks only)" if data else ""))
     if len(expression) > limit:
         raise CliError(
-            f"the expression in {name.removeprefix('the expression file ')} is "
-            f"{len(expression)} characters long; the most allowed is {limit}"
+            f"the expression in {where} is {len(expression)} characters long; the most "
+            f"allowed is {limit}"
         )
     return expression
 
@@ -981,7 +982,7 @@ def start_eval(
       workernator jobs start eval -2^2
       workernator jobs start eval -f formula.txt --var x=2
 
-    EXPRESSION may start with '-'; words after '--' are always the expression.
+    EXPRESSION may start with '-'; after '--', a word is always the expression.
     """
     if expression is not None and source is not None:
         raise click.UsageError("give EXPRESSION or -f FILE, not both", ctx=ctx)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from click.testing import CliRunner, Result
 
+from shared import catalog
 from tests.unit import test_cli as base
 from tests.unit.test_cli import FakeService, assert_one_line_error, run
 from workernator_api import cli, cli_format
@@ -109,7 +110,7 @@ def test_an_expression_from_a_file_or_standard_input(
     fake: tuple[FakeService, str], env: Env, tmp_path: Path
 ) -> None:
     formula = tmp_path / "formula.txt"
-    formula.write_text("\n  2x *\n 3y  \n\n")
+    formula.write_bytes("\ufeff\n  2x *\n 3y  \n\n".encode())  # a byte order mark, too
     result = run(["jobs", "start", "eval", "-f", str(formula), "--var", "x=1", "--var", "y=2"], env)
     assert result.exit_code == 0, result.output
     assert sent(fake[0]).eval.expression == "2x *\n 3y"
@@ -190,6 +191,12 @@ def test_grpcs_own_size_refusal_is_said_plainly(fake: tuple[FakeService, str], e
     )
     result = run(["jobs", "list"], env)
     assert_one_line_error(result, "message too large: 2097165 bytes, at most 1048576 accepted")
+
+
+def test_eval_help_states_the_catalogs_limit() -> None:
+    text = " ".join(run(["jobs", "start", "eval", "--help"]).stdout.split())
+    limit = catalog.EVAL.arg("expression").length_limit
+    assert f"(-f FILE, -f - for standard input), at most {limit} characters" in text
 
 
 def test_types_show_the_length_limits() -> None:
