@@ -18,7 +18,8 @@ from shared import expr
 from shared.errors import InvalidArgument
 
 MAX_JOB_TYPE_LENGTH = 64
-MAX_STRING_LENGTH = 4096
+MAX_STRING_LENGTH = 4096  # the longest string argument, unless its spec says less
+MAX_EXPRESSION_LENGTH = expr.MAX_LENGTH  # 4096, what the parser takes
 MAX_URL_LENGTH = 2048
 MAX_VARIABLES = 64
 
@@ -41,6 +42,12 @@ class ArgSpec:
     required: bool = True
     minimum: float | None = None
     maximum: float | None = None
+    max_length: int | None = None  # of a string, URL or expression, in characters
+
+    @property
+    def length_limit(self) -> int:
+        """The most characters a string argument may have: its own limit, or the default."""
+        return self.max_length if self.max_length is not None else MAX_STRING_LENGTH
 
     def validate(self, value: object) -> Any:
         """Return the normalized value, or raise :class:`InvalidArgument` naming this argument."""
@@ -60,6 +67,8 @@ class ArgSpec:
             out["min"] = self.minimum
         if self.maximum is not None:
             out["max"] = self.maximum
+        if self.max_length is not None:
+            out["max_length"] = self.max_length
         return out
 
 
@@ -73,6 +82,13 @@ class JobSpec:
     args: tuple[ArgSpec, ...] = ()
     # A check across arguments, run after each argument validated on its own.
     check: Callable[[Mapping[str, Any]], None] | None = field(default=None, compare=False)
+
+    def arg(self, name: str) -> ArgSpec:
+        """The argument called ``name`` (KeyError when there is none)."""
+        for spec in self.args:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
 
     def validate(self, args: Mapping[str, object]) -> dict[str, Any]:
         """Validate and normalize ``args``; raise :class:`InvalidArgument` saying what is wrong."""
@@ -113,15 +129,30 @@ def _number(spec: ArgSpec, value: object, kind: str) -> float:
         raise InvalidArgument(f"must be {kind}, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgument(f"must be a finite number, got {value}")
-    if spec.minimum is not None and value < spec.minimum:
-        raise InvalidArgument(f"must be at least {_fmt(spec.minimum)}, got {_fmt(value)}")
-    if spec.maximum is not None and value > spec.maximum:
-        raise InvalidArgument(f"must be at most {_fmt(spec.maximum)}, got {_fmt(value)}")
+    too_small = spec.minimum is not None and value < spec.minimum
+    too_large = spec.maximum is not None and value > spec.maximum
+    if too_small or too_large:
+        raise InvalidArgument(f"{range_text(spec)}, got {_fmt(value)}")
     return value
 
 
+def range_text(spec: ArgSpec) -> str:
+    """What a number argument must be, with both bounds when it has them: the same words for a
+    value too small and too large, so the message always says what would be accepted."""
+    low, high = spec.minimum, spec.maximum
+    if low is not None and high is not None:
+        return f"must be between {_fmt(low)} and {_fmt(high)}"
+    if low is not None:
+        return f"must be at least {_fmt(low)}"
+    if high is not None:
+        return f"must be at most {_fmt(high)}"
+    return "must be a number"
+
+
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+    if isinstance(x, int):
+        return str(x)  # exactly, however large (an int does not always fit a float)
+    return str(int(x)) if x.is_integer() else str(x)
 
 
 def _int(spec: ArgSpec, value: object) -> int:
@@ -139,15 +170,14 @@ def _float(spec: ArgSpec, value: object) -> float:
 def _string(spec: ArgSpec, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"must be a string, got {type(value).__name__}")
-    if len(value) > MAX_STRING_LENGTH:
-        raise InvalidArgument(f"is longer than {MAX_STRING_LENGTH} characters")
+    limit = spec.length_limit
+    if len(value) > limit:
+        raise InvalidArgument(f"is {len(value)} characters long; the most allowed is {limit}")
     return value
 
 
 def _url(spec: ArgSpec, value: object) -> str:
     text = _string(spec, value)
-    if len(text) > MAX_URL_LENGTH:
-        raise InvalidArgument(f"is longer than {MAX_URL_LENGTH} characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
         raise InvalidArgument("must not contain spaces or control characters")
     try:
@@ -245,7 +275,12 @@ EVAL = JobSpec(
     "Evaluates an arithmetic expression: + - * / % ^, parentheses, implicit multiplication "
     "(2x * 3y), functions (sqrt, sin, log, ...) and constants (pi, e, tau).",
     (
-        ArgSpec("expression", ArgKind.EXPRESSION, "The expression to evaluate"),
+        ArgSpec(
+            "expression",
+            ArgKind.EXPRESSION,
+            "The expression to evaluate",
+            max_length=MAX_EXPRESSION_LENGTH,
+        ),
         ArgSpec(
             "variables",
             ArgKind.VARIABLES,
@@ -267,7 +302,9 @@ WAIT = JobSpec(
             minimum=0,
             maximum=MAX_WAIT_SECONDS,
         ),
-        ArgSpec("url", ArgKind.URL, "The http:// or https:// URL to POST to"),
+        ArgSpec(
+            "url", ArgKind.URL, "The http:// or https:// URL to POST to", max_length=MAX_URL_LENGTH
+        ),
     ),
 )
 

@@ -53,6 +53,9 @@ class ResourceLimits:
 
 LIMIT_NAMES = tuple(ResourceLimits.__dataclass_fields__)
 
+MAX_FAILURE_REASON = 200
+"""The most characters of a failed job's ``failure_reason`` (see :mod:`shared.text`)."""
+
 
 @dataclass(frozen=True)
 class JobStatus:
@@ -66,10 +69,13 @@ class JobStatus:
     ended_ns: int | None = None
     exit_code: int | None = None
     signal: int | None = None
-    error: str = ""
+    error: str = ""  # how it ended, in the runner's words ("exited with status 1")
     oom_killed: bool = False
     usage: JobUsage = field(default_factory=JobUsage)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
+    # Why a FAILED job failed, in its own words: the last line it wrote to stderr, made safe
+    # to print by the runner (shared.text.failure_reason). Empty otherwise.
+    failure_reason: str = ""
 
 
 @dataclass(frozen=True)

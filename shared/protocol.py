@@ -43,6 +43,7 @@ from shared import catalog
 from shared.errors import ErrorCode
 from shared.model import (
     LIMIT_NAMES,
+    MAX_FAILURE_REASON,
     JobState,
     JobStatus,
     JobUsage,
@@ -479,7 +480,8 @@ _JOB_STATUS = t_record(
         "oom_killed": t_bool,
         "usage": _USAGE,
         "limits": _LIMITS,
-    }
+    },
+    {"failure_reason": t_optional(t_str(MAX_FAILURE_REASON))},
 )
 
 
@@ -487,6 +489,7 @@ def _status_from_wire(value: Any, path: str) -> JobStatus:
     d = _JOB_STATUS(value, path)
     d["usage"] = JobUsage(**d["usage"])
     d["limits"] = ResourceLimits(**d["limits"])
+    d["failure_reason"] = d["failure_reason"] or ""  # optional: a runner before it sent none
     return JobStatus(**d)
 
 
@@ -534,7 +537,11 @@ _TYPE_INFO = t_record(
                     "required": t_bool,
                     "description": t_str(MAX_MESSAGE),
                 },
-                {"min": t_optional(t_scalar), "max": t_optional(t_scalar)},
+                {
+                    "min": t_optional(t_scalar),
+                    "max": t_optional(t_scalar),
+                    "max_length": t_optional(t_int(0, 2**32 - 1)),
+                },
             ),
             MAX_JOB_ARGS,
         ),
@@ -635,6 +642,7 @@ def _status_to_wire(job: JobStatus) -> dict[str, Any]:
             "written_bytes": job.usage.written_bytes,
         },
         "limits": job.limits.as_dict(),
+        "failure_reason": job.failure_reason,
     }
 
 

@@ -36,12 +36,17 @@ def _spew(args: Mapping[str, Any]) -> None:
 
 
 def _bytes(args: Mapping[str, Any]) -> None:
-    """Write exact bytes (hex-encoded in ``hex``) to stdout, and ``err_hex`` to stderr."""
+    """Write exact bytes (hex-encoded in ``hex``) to stdout, and ``err_hex`` to stderr
+    (``err_repeat`` times), then exit with status ``exit`` (a hostile job's last words)."""
     sys.stdout.buffer.write(bytes.fromhex(args["hex"]))
     sys.stdout.flush()
     if "err_hex" in args:
-        sys.stderr.buffer.write(bytes.fromhex(args["err_hex"]))
+        data = bytes.fromhex(args["err_hex"])
+        for _ in range(args.get("err_repeat", 1)):
+            sys.stderr.buffer.write(data)
         sys.stderr.flush()
+    if args.get("exit"):
+        sys.exit(args["exit"])
 
 
 def _stubborn(args: Mapping[str, Any]) -> None:
@@ -122,6 +127,8 @@ JOBS: tuple[Job, ...] = (
             (
                 ArgSpec("hex", ArgKind.STRING, "stdout bytes, hex"),
                 ArgSpec("err_hex", ArgKind.STRING, "stderr bytes, hex", required=False),
+                ArgSpec("err_repeat", ArgKind.INT, "times", required=False),
+                ArgSpec("exit", ArgKind.INT, "exit status", required=False),
             ),
         ),
         _bytes,

@@ -45,10 +45,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 
+from shared import catalog
+from shared.errors import InvalidArgument
 from workernator_api import certs, interrupt
 from workernator_api import cli_format as fmt
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
+from workernator_api.limits import MAX_REQUEST_BYTES, request_too_large
 
 # grpc core logs handshake failures on stderr; the CLI reports every error itself, in one line.
 # grpc reads GRPC_VERBOSITY when it is imported, so set it first (a value the user set wins).
@@ -316,6 +320,7 @@ class Api:
         request: _Req,
         timeout: float | None = None,
     ) -> _Resp:
+        _check_size(request)
         deadline = self._timeout if timeout is None else timeout
         future = rpc.future(request, timeout=deadline, wait_for_ready=False)
         with interrupt.deferred():
@@ -364,6 +369,7 @@ class Api:
         A thread of its own reads the stream, so this thread only waits on a queue (deferring
         Ctrl-C, see :class:`Api`), and handles each response between waits.
         """
+        _check_size(request)
         call = self._tail(request, wait_for_ready=False)
         responses: queue.Queue[pb.TailJobOutputResponse | grpc.RpcError | None] = queue.Queue(8)
         done = threading.Event()
@@ -391,6 +397,13 @@ class Api:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _check_size(request: object) -> None:
+    """Refuse, before sending it, a request the API would refuse for its size."""
+    refusal = request_too_large(request.ByteSize()) if isinstance(request, Message) else None
+    if refusal is not None:
+        raise CliError(refusal)
 
 
 def _get(items: queue.Queue[_Item]) -> _Item:
@@ -422,6 +435,7 @@ _TRANSPORT = re.compile(
     re.IGNORECASE,
 )
 _LAST_ERROR = re.compile(r"last error: [A-Z_]+: (?:ipv[46]|unix):\S*?: ")
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
 
 
 def describe_rpc_error(
@@ -468,6 +482,9 @@ def describe_rpc_error(
         return f"the API at {host} did not accept the client certificate: {text}"
     if code == grpc.StatusCode.CANCELLED:
         return "the call was cancelled"
+    too_large = _TOO_LARGE.search(text) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if too_large:  # grpc's own words, from either end of the call
+        return f"message too large: {too_large[1]} bytes, at most {too_large[2]} accepted"
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     return f"{name.lower()}: {text}" if text else name.lower()
 
@@ -777,6 +794,47 @@ def start() -> None:
     """
 
 
+class ValuesMayStartWithDash(click.Command):
+    """A command whose arguments may begin with '-': a negative number (``fib -5``) or an
+    expression (``eval -2^2``, as the README shows it), which click would take for options.
+
+    Before click parses, every word that is neither one of the command's options nor an
+    option's value moves after a ``--``, in order, so click takes it as an argument wherever
+    it was: ``eval -2^2 --cpu 1`` works. A word that looks like a long option (``--frob``)
+    stays an option, and click reports one the command does not have by its name. A ``--``
+    typed on the command line ends the options, as usual. One cost: a short option must be
+    apart from its value here (``-o json``, not ``-ojson``).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._values_last(ctx, args))
+
+    def _values_last(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: dict[str, bool] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for name in (*param.opts, *param.secondary_opts):
+                    takes_value[name] = not param.is_flag and not param.count
+        options: list[str] = []
+        values: list[str] = []
+        words = iter(args)
+        for word in words:
+            if word == "--":
+                values.extend(words)
+                break
+            name = word.partition("=")[0] if word.startswith("--") else word
+            if name in takes_value:
+                options.append(word)
+                value = next(words, None) if takes_value[name] and name == word else None
+                if value is not None:  # the option's value is the next word, whatever it is
+                    options.append(value)
+            elif word.startswith("--") and word[2:3].isalpha():
+                options.append(word)  # not an option of ours: click says which
+            else:
+                values.append(word)
+        return [*options, "--", *values] if values else options
+
+
 def _start(ctx: click.Context, request: pb.StartJobRequest) -> None:
     settings = _settings(ctx)
     if settings.limits:
@@ -798,18 +856,33 @@ def start_noop(ctx: click.Context) -> None:
     _start(ctx, pb.StartJobRequest(noop=pb.NoopArgs()))
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?\d+", re.ASCII)
+_MAX_NUMBER_DIGITS = 30  # more, and a number is out of any range here (and not converted)
+
+
 def _position(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number", ctx, param) from None
-    if number < 0 or number >= 2**64:
-        raise click.BadParameter(f"{value} is out of range (positions start at 1)", ctx, param)
+    """A whole number the API can carry (a uint64). One it cannot is refused here with the
+    words the server uses for any position out of range, which name the range."""
+    text = value.strip()
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise click.BadParameter(f"{value!r} is not a whole number", ctx, param)
+    spec = catalog.FIB.arg("position")
+    if len(text.lstrip("+-")) > _MAX_NUMBER_DIGITS:
+        shown = f"{text[:_MAX_NUMBER_DIGITS]}... ({len(text)} characters)"
+        raise CliError(f"argument '{spec.name}': {catalog.range_text(spec)}, got {shown}")
+    number = int(text)
+    if not 0 <= number < 2**64:
+        try:
+            spec.validate(number)
+        except InvalidArgument as exc:
+            raise CliError(exc.message) from None
     return number
 
 
 @start.command(
-    "fib", short_help="POSITION  The POSITION-th Fibonacci number (1 -> 0, 2 -> 1, 10 -> 34)."
+    "fib",
+    cls=ValuesMayStartWithDash,
+    short_help="POSITION  The POSITION-th Fibonacci number (1 -> 0, 2 -> 1, 10 -> 34).",
 )
 @click.argument("position", callback=_position)
 @limit_options
@@ -832,11 +905,59 @@ def _variables(
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+_EXPRESSION_SPEC = catalog.EVAL.arg("expression")
+
+
+def _read_expression(path: str) -> str:
+    """The expression in the file ``path`` (``-``: standard input), surrounding blanks (and a
+    byte order mark) removed; an error naming the file when it cannot be read, is empty, is not
+    UTF-8, or is longer than the catalog allows."""
+    where = "standard input (-f -)" if path == "-" else f"{path} (-f)"
+    what = where if path == "-" else f"the expression file {where}"
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_REQUEST_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {what}: {exc.strerror or exc}") from None
+    limit = _EXPRESSION_SPEC.length_limit
+    if len(data) > MAX_REQUEST_BYTES:
+        raise CliError(
+            f"{what} is larger than {MAX_REQUEST_BYTES} bytes; an expression is at most "
+            f"{limit} characters"
+        )
+    try:
+        expression = data.decode("utf-8").removeprefix("\ufeff").strip()
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    if not expression:
+        raise CliError(f"{what} is empty" + (" (blanks only)" if data else ""))
+    if len(expression) > limit:
+        raise CliError(
+            f"the expression in {where} is {len(expression)} characters long; the most "
+            f"allowed is {limit}"
+        )
+    return expression
+
+
 @start.command(
     "eval",
+    cls=ValuesMayStartWithDash,
     short_help="EXPRESSION [--var NAME=VALUE]...  Evaluate an arithmetic expression.",
 )
-@click.argument("expression")
+@click.argument("expression", required=False)
+@click.option(
+    "-f",
+    "--file",
+    "source",
+    metavar="FILE",
+    default=None,
+    help="Read the expression from FILE instead ('-': standard input).",
+)
 @click.option(
     "--var",
     "variables",
@@ -848,14 +969,27 @@ def _variables(
 @limit_options
 @client_options
 @click.pass_context
-def start_eval(ctx: click.Context, expression: str, variables: dict[str, float]) -> None:
-    """Start a job evaluating an arithmetic EXPRESSION.
+def start_eval(
+    ctx: click.Context, expression: str | None, source: str | None, variables: dict[str, float]
+) -> None:
+    """Start a job evaluating an arithmetic EXPRESSION, or the one in a file (-f FILE, -f -
+    for standard input), at most 4096 characters.
 
     \b
     Operators + - * / % ^, parentheses, unary minus, decimals, functions (sqrt, sin, log, ...),
     the constants pi and e, and variables with implicit multiplication:
       workernator jobs start eval '2x * 3y' --var x=2 --var y=1.5
+      workernator jobs start eval -2^2
+      workernator jobs start eval -f formula.txt --var x=2
+
+    EXPRESSION may start with '-'; after '--', a word is always the expression.
     """
+    if expression is not None and source is not None:
+        raise click.UsageError("give EXPRESSION or -f FILE, not both", ctx=ctx)
+    if source is not None:
+        expression = _read_expression(source)
+    elif expression is None:
+        raise click.UsageError("Missing argument 'EXPRESSION' (or -f FILE).", ctx=ctx)
     _start(ctx, pb.StartJobRequest(eval=pb.EvalArgs(expression=expression, variables=variables)))
 
 
@@ -866,7 +1000,11 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-@start.command("wait", short_help="SECONDS URL  Wait, then send an empty HTTP POST to URL.")
+@start.command(
+    "wait",
+    cls=ValuesMayStartWithDash,
+    short_help="SECONDS URL  Wait, then send an empty HTTP POST to URL.",
+)
 @click.argument("seconds", callback=_seconds)
 @click.argument("url")
 @limit_options

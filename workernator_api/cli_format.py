@@ -27,6 +27,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared import catalog, expr, units
+from shared.model import MAX_FAILURE_REASON
+from shared.text import printable
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 __all__ = [
@@ -119,6 +121,12 @@ def parse_duration(text: str, maximum: float = catalog.MAX_WAIT_SECONDS) -> floa
     with units ``d``, ``h``, ``m``, ``s``, ``ms``, largest first (``1m30s``, ``500ms``,
     ``1h2m3.5s``), at most ``maximum`` (by default the longest wait a job may have). Raise
     :class:`ValueError` with a message for people otherwise."""
+    shown = text.strip()
+    if shown.startswith("-") and _is_positive_duration(shown[1:]):  # a duration, but negative
+        raise ValueError(
+            f"{shown!r} is negative: a wait is from 0 seconds to "
+            f"{format_duration(maximum, precise=True)} ({maximum:g} seconds)"
+        )
     seconds = _parse_duration(text)
     if seconds > maximum:
         raise ValueError(
@@ -126,6 +134,13 @@ def parse_duration(text: str, maximum: float = catalog.MAX_WAIT_SECONDS) -> floa
             f"({maximum:g} seconds)"
         )
     return seconds
+
+
+def _is_positive_duration(text: str) -> bool:
+    try:
+        return _parse_duration(text) > 0
+    except ValueError:
+        return False
 
 
 def _parse_duration(text: str) -> float:
@@ -429,8 +444,9 @@ def format_status(
         Finished:   2022-07-07 16:34:04
         Duration:   1 second
 
-    A failed job adds ``Error:``, ``Exit code:`` and ``Signal:`` lines when it has them; a running
-    job shows ``Finished:   -`` and its duration so far.
+    A failed job adds ``Reason:`` (why, in the job's words: its last stderr line), ``Error:``
+    (how it ended, in the runner's), ``Exit code:`` and ``Signal:`` lines when it has them; a
+    running job shows ``Finished:   -`` and its duration so far.
 
     ``verbose`` adds ``Owner:``; a ``Limits:`` block with the limits that are set (``CPU: 0.5``,
     ``Memory: 256 MiB``, ``Processes: 64``, ``Disk read: 10 MiB/s``, ``Disk write:``,
@@ -444,6 +460,8 @@ def format_status(
     rows += _block("Arguments", _argument_lines(job))
     rows.append(("Status:", _state_label(job.state)))
     if job.state == pb.JOB_STATE_FAILED:
+        if job.failure_reason:  # the runner made it safe; made so again, cheaply
+            rows.append(("Reason:", printable(job.failure_reason, MAX_FAILURE_REASON)))
         errors = [job.error] if job.error else []
         if job.oom_killed and "out of memory" not in job.error.lower():  # unless it says so
             errors.append("killed by the kernel's OOM killer (memory limit reached)")
@@ -514,6 +532,8 @@ def _argument_summary(arg: pb.ArgumentInfo) -> str:
         parts.append(f"at least {bound(arg.min)}")
     elif has_max:
         parts.append(f"at most {bound(arg.max)}")
+    if arg.HasField("max_length"):
+        parts.append(f"at most {arg.max_length} characters")
     return ", ".join(parts)
 
 

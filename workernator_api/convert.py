@@ -102,6 +102,7 @@ def job_status(job: JobStatus, title: str) -> pb.JobStatus:
         owner=job.owner,
         state=STATES[job.state],
         error=job.error,
+        failure_reason=job.failure_reason,
         oom_killed=job.oom_killed,
         usage=pb.ResourceUsage(
             cpu_time=_duration_ns(job.usage.cpu_ns),
@@ -167,4 +168,6 @@ def job_type_info(description: Mapping[str, Any]) -> pb.JobTypeInfo | None:
             item.min = float(arg["min"])
         if arg.get("max") is not None:
             item.max = float(arg["max"])
+        if arg.get("max_length") is not None:
+            item.max_length = int(arg["max_length"])
     return info

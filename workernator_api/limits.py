@@ -60,3 +60,22 @@ class ConcurrencyLimit:
                 self._by_user[user] = remaining
             else:
                 del self._by_user[user]
+
+
+MAX_REQUEST_BYTES = 64 << 10
+"""The largest request the api reads, serialized. The largest real one, a StartJob with a
+4096-character expression and 64 variables, is about 22 KiB. The api refuses a larger one with
+RESOURCE_EXHAUSTED "request too large: N bytes, the api accepts at most 65536", and the CLI
+says the same before it sends one. (grpc itself refuses messages over
+:data:`MAX_TRANSPORT_BYTES` before the api sees them, in its own words.)"""
+
+MAX_TRANSPORT_BYTES = 1 << 20
+"""grpc's limit on a received message (``grpc.max_receive_message_length``): what a message may
+cost the api in memory before it can check it."""
+
+
+def request_too_large(size: int) -> str | None:
+    """The message refusing a request of ``size`` bytes, or None when it is small enough."""
+    if size <= MAX_REQUEST_BYTES:
+        return None
+    return f"request too large: {size} bytes, the api accepts at most {MAX_REQUEST_BYTES}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,7 +30,7 @@ from workernator_api import authz, certs, convert
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
-from workernator_api.limits import ConcurrencyLimit
+from workernator_api.limits import MAX_TRANSPORT_BYTES, ConcurrencyLimit, request_too_large
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -90,6 +91,51 @@ def identity_of(context: grpc.aio.ServicerContext[Any, Any]) -> authz.Identity:
     return authz.Identity(user, authz.Role(role))
 
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's servicer, plus ``List``: reflection lists the method, but the
+    package (1.85 and before) answers it UNIMPLEMENTED.
+
+    It keeps its own copy of every service's status, changed exactly when the base class
+    changes its own: by :meth:`set`, except after :meth:`enter_graceful_shutdown`, which makes
+    every service NOT_SERVING.
+    """
+
+    MAX_SERVICES = 100  # as grpc's own implementations: more and List is RESOURCE_EXHAUSTED
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {health.OVERALL_HEALTH: SERVING}
+        self._shutting_down = False
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        if not self._shutting_down:
+            self._statuses[service] = status
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._shutting_down = True
+        self._statuses = dict.fromkeys(self._statuses, NOT_SERVING)
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """Every registered service (the server as a whole is "") and its status."""
+        if len(self._statuses) > self.MAX_SERVICES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {self.MAX_SERVICES} services; ask for each with Check",
+            )
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._statuses.items()
+        }
+        # The type stubs of grpcio-health-checking do not know List's messages yet.
+        return health_pb2.HealthListResponse(statuses=statuses)  # type: ignore[attr-defined]
+
+
 class JobService(pb_grpc.JobServiceServicer):
     def __init__(self, runner_socket: Path, health_servicer: health.aio.HealthServicer) -> None:
         self.runner_socket = runner_socket
@@ -120,12 +166,7 @@ class JobService(pb_grpc.JobServiceServicer):
             return self._shared
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(SERVICE_NAME, status)
+        await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 
     async def close(self) -> None:
         if self._shared is not None:
@@ -153,12 +194,14 @@ class JobService(pb_grpc.JobServiceServicer):
     async def _call(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
+        request: Message,
         action: Callable[[authz.Identity, RunnerClient], Awaitable[T]],
         seconds: float | None = None,
     ) -> T:
-        """Authenticate, run ``action`` against the runner within ``seconds`` (default
-        :data:`UNARY_TIMEOUT_SECONDS`), and map every error to a status."""
+        """Check the request's size, authenticate, run ``action`` against the runner within
+        ``seconds`` (default :data:`UNARY_TIMEOUT_SECONDS`), and map every error to a status."""
         try:
+            _check_size(request)
             limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
             return await self._unary(identity_of(context), action, limit)
         except Exception as exc:
@@ -201,7 +244,7 @@ class JobService(pb_grpc.JobServiceServicer):
             log.info("job started", job=job.id, type=job_type, user=identity.user)
             return pb.StartJobResponse(job=convert.job_status(job, spec.title))
 
-        return await self._call(context, start)
+        return await self._call(context, request, start)
 
     async def StopJob(
         self, request: pb.StopJobRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -212,7 +255,7 @@ class JobService(pb_grpc.JobServiceServicer):
             log.info("job stopped", job=job.id, user=identity.user)
             return pb.StopJobResponse(job=_status(job))
 
-        return await self._call(context, stop, seconds=STOP_TIMEOUT_SECONDS)
+        return await self._call(context, request, stop, seconds=STOP_TIMEOUT_SECONDS)
 
     async def GetJobStatus(
         self, request: pb.GetJobStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -221,7 +264,7 @@ class JobService(pb_grpc.JobServiceServicer):
             job = await self._owned_job(runner, identity, authz.Action.READ, request.job_id)
             return pb.GetJobStatusResponse(job=_status(job))
 
-        return await self._call(context, status)
+        return await self._call(context, request, status)
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -261,7 +304,7 @@ class JobService(pb_grpc.JobServiceServicer):
                     last = job
             return response
 
-        return await self._call(context, list_jobs)
+        return await self._call(context, request, list_jobs)
 
     async def ListJobTypes(
         self, request: pb.ListJobTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -272,12 +315,13 @@ class JobService(pb_grpc.JobServiceServicer):
             infos = [convert.job_type_info(d) for d in described]
             return pb.ListJobTypesResponse(types=[i for i in infos if i is not None])
 
-        return await self._call(context, types)
+        return await self._call(context, request, types)
 
     async def TailJobOutput(
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.TailJobOutputResponse]:
         try:
+            _check_size(request)
             identity = identity_of(context)
             offset, last = _tail_start(request)
             with self.tails.hold(identity.user):
@@ -321,6 +365,13 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
         code, message = grpc.StatusCode.INTERNAL, "internal error"
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
+
+
+def _check_size(request: Message) -> None:
+    """Refuse a request larger than any real one, saying so (see :mod:`limits`)."""
+    refusal = request_too_large(request.ByteSize())
+    if refusal is not None:
+        raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
 
 
 def _tail_start(request: pb.TailJobOutputRequest) -> tuple[int | None, int | None]:
@@ -402,10 +453,13 @@ def server_credentials(cfg: config_mod.ApiConfig) -> grpc.ServerCredentials:
 class ApiServer:
     def __init__(self, cfg: config_mod.ApiConfig) -> None:
         self.config = cfg
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.service = JobService(cfg.runner_socket, self.health)
         self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
+            ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_JobServiceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared import ids
-from shared.model import JobState, ResourceLimits, Stream
+from shared.model import MAX_FAILURE_REASON, JobState, ResourceLimits, Stream
+from shared.text import failure_reason
 from shared.units import format_size
 from workernator_runner import cgroups, files, linux, network, sandbox, store
 from workernator_runner import launch as wire
@@ -177,6 +178,8 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     usage = job.finish()
     job.cleanup()
     _finish(state, wait_status, usage, pump.write_error, header.limits)
+    if state.state is JobState.FAILED:
+        state.failure_reason = failure_reason(pump.stderr_line.result())
     store.sync_file(dir_fd, store.JOB_FILE)  # written quickly at the start; now for keeps
     store.write_state_at(dir_fd, state, reserve=last_write)
     return 0
@@ -448,8 +451,11 @@ class _Pump:
         self.pending = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
         self.deadline: dict[Stream, float | None] = {Stream.STDOUT: None, Stream.STDERR: None}
         self.write_error = ""
+        self.stderr_line = _LastLine()
 
     def feed(self, stream: Stream, data: bytes) -> None:
+        if stream is Stream.STDERR:
+            self.stderr_line.feed(data)
         buf = self.pending[stream]
         buf += data
         while len(buf) >= store.MAX_RECORD_DATA:  # a very long line goes out in pieces
@@ -509,6 +515,34 @@ class _Pump:
             self.on_failure(self.write_error)
         else:
             self.end += len(record)
+
+
+class _LastLine:
+    """The last non-blank line of a stream, its first :data:`MAX_BYTES` bytes: a failed job's
+    reason. Each read costs a few scans in C and memory stays bounded, whatever the job
+    writes (one huge line, or nothing but newlines)."""
+
+    MAX_BYTES = 4 * MAX_FAILURE_REASON  # enough for the most characters a reason shows
+
+    def __init__(self) -> None:
+        self.partial = b""  # the start of the line being written
+        self.last = b""  # the last complete line that was not blank
+
+    def feed(self, data: bytes) -> None:
+        newline = data.rfind(b"\n")
+        if newline < 0:
+            self.partial = (self.partial + data[: self.MAX_BYTES])[: self.MAX_BYTES]
+            return
+        complete = data[:newline].rstrip()  # the lines this read ends, trailing blanks dropped
+        start = complete.rfind(b"\n") + 1
+        line = complete[start:] if start else self.partial + complete[: self.MAX_BYTES]
+        if line.strip():
+            self.last = line[: self.MAX_BYTES]
+        self.partial = data[newline + 1 : newline + 1 + self.MAX_BYTES]
+
+    def result(self) -> bytes:
+        """The last line, the one still being written when it is not blank."""
+        return self.partial if self.partial.strip() else self.last
 
 
 def _describe_status(status: int) -> str:

@@ -78,6 +78,7 @@ class StateFile:
     usage: dict[str, int] = field(default_factory=dict)
     cgroup: str = ""  # its cgroup's name in every hierarchy (see cgroups.py)
     oom_killed: bool = False
+    failure_reason: str = ""  # a FAILED job's last stderr line, made safe (shared.text)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ def to_status(request: JobRequest, state: StateFile) -> JobStatus:
         oom_killed=state.oom_killed,
         usage=JobUsage(**state.usage),
         limits=request.limits,
+        failure_reason=state.failure_reason,
     )
 
 

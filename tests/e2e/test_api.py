@@ -11,9 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.model import JobState
 from tests.e2e.conftest import API_USER, Stack, _can_run_as
 from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
@@ -134,7 +138,10 @@ async def test_a_late_tail_gets_everything_and_20_tails_agree(
     ("arm", "message"),
     [
         ({"fib": pb.FibArgs(position=0)}, "argument 'position'"),
-        ({"fib": pb.FibArgs(position=10**7)}, "argument 'position': must be at most"),
+        (
+            {"fib": pb.FibArgs(position=10**7)},
+            "'position': must be between 1 and 1000000, got 10000000",
+        ),
         ({"eval": pb.EvalArgs(expression="")}, "argument 'expression' is required"),
         ({"eval": pb.EvalArgs(expression="2 +* 3")}, "argument 'expression'"),
         ({"eval": pb.EvalArgs(expression="2x")}, "variable 'x' has no value"),
@@ -176,49 +183,194 @@ async def test_start_with_limits_returns_the_effective_limits(clients: dict[str,
     assert done.HasField("usage")
 
 
-async def test_every_role_against_every_method(clients: dict[str, Client]) -> None:
-    admin, alice, bob, carol = (clients[u] for u in ("admin", "alice", "bob", "carol"))
-    job = await alice.start(wait=pb.WaitArgs(seconds=Duration(seconds=60), url="http://x/"))
-    bobs = await bob.start(noop=pb.NoopArgs())
+# --- the role x method x owner table of docs/security.md ----------------------------------------
 
-    # StartJob: admin and user yes, viewer no
-    assert (await admin.start(noop=pb.NoopArgs())).owner == "admin"
-    assert await _code(carol.start(noop=pb.NoopArgs())) == Code.PERMISSION_DENIED
+SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+ROLE_COLUMNS = ("admin", "user", "viewer", "no or unknown role")
+# Who acts in each column: certificates of the client CA. "nemo" has no O (no role) and
+# "mallory" has O=root (no such role); both pass the TLS handshake.
+ACTORS: dict[str, tuple[str, ...]] = {
+    "admin": ("admin",),
+    "user": ("alice",),
+    "viewer": ("carol",),
+    "no or unknown role": ("nemo", "mallory"),
+}
+OTHER_USER = "bob"  # "another user's job" belongs to bob, who is none of the actors
+NO_SUCH_JOB = "ZZZZZZ"
+JOB_KINDS = ("own", "another user's", "no such job")  # the "job" column, or "—"
 
-    # GetJobStatus / TailJobOutput: owner, admin and viewer yes; another user: not found
-    for reader in (alice, admin, carol):
-        assert (await reader.status(job.id)).id == job.id
-        assert b"[WAIT]" in await reader.tail(job.id, follow=False)
-    assert await _code(bob.status(job.id)) == Code.NOT_FOUND
-    assert await _code(bob.tail(job.id, follow=False)) == Code.NOT_FOUND
-    missing = await _code(bob.status("ZZZZZZ"))
-    assert missing == Code.NOT_FOUND  # indistinguishable from someone else's job
 
-    # ListJobs: users see their own; admin and viewer see all, and may filter by owner
-    assert {j.owner for j in await alice.list()} == {"alice"}
-    assert {j.owner for j in await bob.list()} == {"bob"}
-    assert await bob.list(owner="alice") == []
-    everyone = {j.owner for j in await admin.list()}
-    assert {"alice", "bob", "admin"} <= everyone
-    assert {j.owner for j in await carol.list()} == everyone
-    assert {j.owner for j in await carol.list(owner="bob")} == {"bob"}
-    running = await admin.list(state=pb.JOB_STATE_RUNNING)
-    assert job.id in {j.id for j in running} and bobs.id not in {j.id for j in running}
+def role_table() -> dict[tuple[str, str], dict[str, str]]:
+    """The table under "Who may call what" in docs/security.md: (method, job) -> outcome per
+    role column. The doc is the single source of truth; the test below checks every cell."""
+    lines = SECURITY_DOC.read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| method | job |"))
+    columns = [cell.strip() for cell in lines[head].strip("|").split("|")]
+    assert tuple(columns[2:]) == ROLE_COLUMNS, columns
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        assert len(cells) == len(columns), line
+        assert (cells[0], cells[1]) not in table, f"row given twice: {line}"
+        table[cells[0], cells[1]] = dict(zip(ROLE_COLUMNS, cells[2:], strict=True))
+    return table
 
-    # ListJobTypes: everyone
-    for client in (admin, alice, carol):
-        types: pb.ListJobTypesResponse = await client.stub.ListJobTypes(pb.ListJobTypesRequest())
-        assert [t.name for t in types.types] == ["noop", "fib", "eval", "wait"]
-        fib = types.types[1]
-        assert fib.type == pb.JOB_TYPE_FIB and fib.args[0].name == "position"
-        assert fib.args[0].min == 1
 
-    # StopJob: viewer no; another user: not found; owner and admin yes
-    assert await _code(carol.stop(job.id)) == Code.PERMISSION_DENIED
-    assert await _code(bob.stop(job.id)) == Code.NOT_FOUND
-    assert (await alice.status(job.id)).state == pb.JOB_STATE_RUNNING
-    assert (await admin.stop(job.id)).state == pb.JOB_STATE_STOPPED
-    assert (await alice.stop(job.id)).state == pb.JOB_STATE_STOPPED  # twice: not an error
+def _client_certificate(stack: Stack, user: str, role: str | None) -> None:
+    """A client certificate from the stack's CA with CN ``user`` and O ``role`` (None: no O),
+    even one that is not a role, written as the stack's other users' are."""
+    ca_key, ca_cert = (
+        certs.load_key(stack.certs / "ca-key.pem"),
+        certs.load_cert(stack.certs / "ca.pem"),
+    )
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+    if role is not None:
+        names.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, role))
+    key = certs.generate_key()
+    cert = certs._leaf_builder(
+        ca_key,
+        ca_cert,
+        x509.Name(names),
+        key,
+        valid_days=1,
+        purpose=ExtendedKeyUsageOID.CLIENT_AUTH,
+    ).sign(ca_key, hashes.SHA256())
+    certs.write_key(stack.certs / f"{user}-key.pem", key, overwrite=True)
+    certs.write_cert(stack.certs / f"{user}.pem", cert, overwrite=True)
+
+
+async def _outcome(call: Any) -> tuple[str, Any]:
+    """("OK", the answer) or (the status code's name, None)."""
+    try:
+        return "OK", await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, None
+
+
+async def _ids_listed(client: Client, **kw: Any) -> set[str] | str:
+    try:
+        return set((await _all_pages(client, **kw))[0])
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+async def _health_watch(client: Client) -> int:
+    stub: Any = health_pb2_grpc.HealthStub(client.channel)
+    async for response in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+        status: int = response.status
+        return status
+    raise AssertionError("Watch ended without an answer")
+
+
+async def _reflection(client: Client) -> list[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub: Any = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for response in stub.ServerReflectionInfo(iter([request])):
+        return [s.name for s in response.list_services_response.service]
+    raise AssertionError("reflection ended without an answer")
+
+
+async def _call(
+    method: str, client: Client, user: str, job_id: str | None, owner: str | None
+) -> str:
+    """Make the call ``method`` names as ``client`` (acting as ``user``) on ``job_id`` (owned
+    by ``owner``), and say how it went in the table's words, after checking that an OK answer
+    is the right one."""
+    if method == "StartJob":
+        outcome, job = await _outcome(client.start(noop=pb.NoopArgs()))
+        assert job is None or job.owner == user
+        return str(outcome)
+    if method == "ListJobTypes":
+        outcome, types = await _outcome(client.stub.ListJobTypes(pb.ListJobTypesRequest()))
+        assert types is None or [t.name for t in types.types] == ["noop", "fib", "eval", "wait"]
+        return str(outcome)
+    if method.startswith("grpc.health.v1.Health/"):
+        health: Any = health_pb2_grpc.HealthStub(client.channel)
+        check = health_pb2.HealthCheckRequest(service="")
+        name = method.split("/")[1]
+        if name == "Watch":
+            return (await _outcome(_health_watch(client)))[0]
+        request: Any = (
+            check if name == "Check" else health_pb2.HealthListRequest()  # type: ignore[attr-defined]
+        )
+        return (await _outcome(getattr(health, name)(request)))[0]
+    if method == "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo":
+        outcome, services = await _outcome(_reflection(client))
+        assert services is None or "workernator.v1.JobService" in services
+        return str(outcome)
+    assert job_id is not None, method
+    if method == "GetJobStatus":
+        outcome, job = await _outcome(client.status(job_id))
+        assert job is None or job.id == job_id
+        return str(outcome)
+    if method == "TailJobOutput":
+        outcome, output = await _outcome(client.tail(job_id, follow=False))
+        assert output is None or b"[RESULT] 1\n" in output  # fib 3
+        return str(outcome)
+    if method == "StopJob":
+        outcome, job = await _outcome(client.stop(job_id))
+        assert job is None or job.state == pb.JOB_STATE_STOPPED
+        return str(outcome)
+    if method == "ListJobs":  # listed or not, whether or not asked for the owner's jobs
+        everything = await _ids_listed(client)
+        if isinstance(everything, str):
+            return everything
+        theirs = await _ids_listed(client, owner=owner)
+        assert isinstance(theirs, set) and (job_id in everything) == (job_id in theirs)
+        return "listed" if job_id in everything else "not listed"
+    raise AssertionError(f"the table names a method this test cannot call: {method}")
+
+
+async def test_every_role_against_every_method(stack: Stack) -> None:
+    """Every cell of the role x method x owner table in docs/security.md, as a real call."""
+    table = role_table()
+    rpcs = [m.name for m in pb.DESCRIPTOR.services_by_name["JobService"].methods]
+    for rpc in rpcs:  # every method of the proto has its rows, and each kind of job its row
+        kinds = {job for method, job in table if method == rpc}
+        assert kinds in ({"—"}, set(JOB_KINDS)), (rpc, kinds)
+    _client_certificate(stack, "nemo", None)
+    _client_certificate(stack, "mallory", "root")
+    actors = [user for users in ACTORS.values() for user in users]
+    clients = {user: Client(stack, user) for user in actors}
+
+    async with RunnerClient(stack.runner_socket) as runner:
+
+        async def job_of(owner: str, method: str) -> str:
+            """A job for one call: a running one for StopJob (each call its own), a finished
+            fib for the others."""
+            if method == "StopJob":
+                args = {"seconds": 600, "url": "http://127.0.0.1:9/"}
+                return (await runner.start(owner, "user", "wait", args)).id
+            job = await runner.start(owner, "user", "fib", {"position": 3})
+            async for _ in runner.tail(owner, "user", job.id, follow=True):
+                pass
+            return job.id
+
+        wrong: list[str] = []
+        try:
+            for (method, kind), expected in table.items():
+                for column, users in ACTORS.items():
+                    for user in users:
+                        owner = {"own": user, "another user's": OTHER_USER}.get(kind)
+                        job_id = NO_SUCH_JOB if kind == "no such job" else None
+                        if owner is not None:
+                            job_id = await job_of(owner, method)
+                        seen = await _call(method, clients[user], user, job_id, owner)
+                        if seen != expected[column]:
+                            wrong.append(f"{method} on {kind} as {user} ({column}): {seen}")
+                        if method == "StopJob" and job_id not in (None, NO_SUCH_JOB):
+                            after = await runner.status("root", "admin", job_id)
+                            refused = seen != "OK"
+                            assert (after.state is JobState.RUNNING) == refused, (user, kind)
+                            await runner.stop("root", "admin", job_id)
+        finally:
+            for client in clients.values():
+                await client.close()
+    assert not wrong, "calls that do not do what docs/security.md says:\n" + "\n".join(wrong)
 
 
 async def _failure(call: Any) -> grpc.aio.AioRpcError:

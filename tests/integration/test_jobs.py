@@ -130,12 +130,23 @@ async def test_eval_bad_input_rejected_at_start_leaving_nothing(
 @pytest.mark.parametrize(
     ("job_type", "args", "message"),
     [
-        ("fib", {"position": 0}, "argument 'position': must be at least 1, got 0"),
+        ("fib", {"position": 0}, "argument 'position': must be between 1 and 1000000, got 0"),
         ("fib", {"position": "3"}, "argument 'position': must be an integer, got str"),
         ("fib", {"position": 2.5}, "argument 'position': must be a whole number"),
         ("fib", {}, "argument 'position' is required"),
         ("fib", {"position": 3, "extra": 1}, "job 'fib' has no argument 'extra'"),
-        ("wait", {"seconds": -1, "url": "http://x/"}, "argument 'seconds': must be at least 0"),
+        ("fib", {"position": 10**7}, "'position': must be between 1 and 1000000, got 10000000"),
+        (
+            "wait",
+            {"seconds": -1, "url": "http://x/"},
+            "'seconds': must be between 0 and 86400, got -1",
+        ),
+        ("wait", {"seconds": 86401, "url": "http://x/"}, "'seconds': must be between 0 and 86400"),
+        (
+            "wait",
+            {"seconds": 1, "url": "http://x/" + "a" * 10_000},
+            "argument 'url': is 10009 characters long; the most allowed is 2048",
+        ),
         (
             "wait",
             {"seconds": 1, "url": "ftp://x/"},

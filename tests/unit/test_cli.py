@@ -72,7 +72,8 @@ class FakeService:
         arm = request.WhichOneof("args") or "noop"
         if arm == "fib" and request.fib.position < 1:
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "argument 'position': must be at least 1, got 0"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "argument 'position': must be between 1 and 1000000, got 0",
             )
         started = Timestamp()
         started.GetCurrentTime()
@@ -678,7 +679,7 @@ def test_status_verbose_and_json_show_limits_usage_and_oom(
 
 def test_invalid_argument_is_the_servers_message(env: dict[str, str | None]) -> None:
     result = run(["jobs", "start", "fib", "0"], env)
-    assert_one_line_error(result, "argument 'position': must be at least 1, got 0")
+    assert_one_line_error(result, "argument 'position': must be between 1 and 1000000, got 0")
 
 
 def test_status_piped_is_only_the_block(env: dict[str, str | None]) -> None:

@@ -445,7 +445,11 @@ def test_a_plain_url_is_accepted(url: str) -> None:
         ("http://host:0/", "port must be between 1 and 65535"),
         ("http://host:99999/", "is not a valid URL"),
         ("http://host/a b", "must not contain spaces or control characters"),
-        ("http://host/" + "a" * catalog.MAX_URL_LENGTH, "is longer than"),
+        (
+            "http://host/" + "a" * catalog.MAX_URL_LENGTH,
+            "is 2060 characters long; the most allowed is 2048",
+        ),
+        ("http://host/" + "a" * 10_000, "is 10012 characters long; the most allowed is 2048"),
     ],
 )
 def test_the_other_url_checks_still_hold(url: str, message: str) -> None:

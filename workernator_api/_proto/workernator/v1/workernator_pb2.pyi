@@ -197,23 +197,25 @@ class JobTypeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[JobType, str]] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., args: _Optional[_Iterable[_Union[ArgumentInfo, _Mapping]]] = ...) -> None: ...
 
 class ArgumentInfo(_message.Message):
-    __slots__ = ("name", "type", "required", "description", "min", "max")
+    __slots__ = ("name", "type", "required", "description", "min", "max", "max_length")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MIN_FIELD_NUMBER: _ClassVar[int]
     MAX_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     required: bool
     description: str
     min: float
     max: float
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., description: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+    max_length: int
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., description: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("id", "type", "title", "noop", "fib", "eval", "wait", "owner", "state", "exit_code", "signal", "error", "started_at", "ended_at", "oom_killed", "limits", "usage")
+    __slots__ = ("id", "type", "title", "noop", "fib", "eval", "wait", "owner", "state", "exit_code", "signal", "error", "started_at", "ended_at", "oom_killed", "limits", "usage", "failure_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +233,7 @@ class JobStatus(_message.Message):
     OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: JobType
     title: str
@@ -248,7 +251,8 @@ class JobStatus(_message.Message):
     oom_killed: bool
     limits: ResourceLimits
     usage: ResourceUsage
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[JobType, str]] = ..., title: _Optional[str] = ..., noop: _Optional[_Union[NoopArgs, _Mapping]] = ..., fib: _Optional[_Union[FibArgs, _Mapping]] = ..., eval: _Optional[_Union[EvalArgs, _Mapping]] = ..., wait: _Optional[_Union[WaitArgs, _Mapping]] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ...) -> None: ...
+    failure_reason: str
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[JobType, str]] = ..., title: _Optional[str] = ..., noop: _Optional[_Union[NoopArgs, _Mapping]] = ..., fib: _Optional[_Union[FibArgs, _Mapping]] = ..., eval: _Optional[_Union[EvalArgs, _Mapping]] = ..., wait: _Optional[_Union[WaitArgs, _Mapping]] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., failure_reason: _Optional[str] = ...) -> None: ...
 
 class ResourceLimits(_message.Message):
     __slots__ = ("cpu_millis", "memory_bytes", "pids", "io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
