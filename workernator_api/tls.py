@@ -51,6 +51,8 @@ class Material:
     config: grpc.ServerCertificateConfiguration
     server_cert: x509.Certificate
     client_cas: tuple[x509.Certificate, ...]
+    source: tuple[bytes, bytes, bytes]
+    """The bytes of the cert, key and client_ca files, to tell a real change from a touch."""
     verified: dict[bytes, x509.Certificate] = field(default_factory=dict, compare=False)
     """Client certificates (PEM) already found issued by one of ``client_cas``."""
 
@@ -86,6 +88,7 @@ def load_material(cfg: ApiConfig) -> Material:
         config=grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots),
         server_cert=x509.load_pem_x509_certificates(cert)[0],
         client_cas=client_cas,
+        source=(cert, key, bundle),
     )
 
 
@@ -155,7 +158,10 @@ class ServerTls:
                 error=str(exc),
             )
             return
-        self._material, self._signature, self._failed = material, signature, None
+        self._signature, self._failed = signature, None
+        if material.source == self._material.source:
+            return  # rewritten or touched, not changed (the files in force put back, say)
+        self._material = material
         self._generation += 1
         log.info(
             "TLS files reloaded",
