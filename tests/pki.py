@@ -8,6 +8,7 @@ signed by the server CA, an expired one) and write PEM files like the tooling do
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -38,7 +39,7 @@ def issue(
     eku: x509.ObjectIdentifier | None = ExtendedKeyUsageOID.CLIENT_AUTH,
     not_before: datetime.datetime = NOW - DAY,
     not_after: datetime.datetime = NOW + DAY,
-    sans: list[x509.GeneralName] | None = None,
+    sans: Sequence[x509.GeneralName] = (),
 ) -> Pair:
     """A new key and a certificate for it, signed by ``issuer``'s key, with whatever
     extensions were asked for (no checks: that is the point)."""
