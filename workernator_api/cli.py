@@ -1403,7 +1403,7 @@ def _user_role(
     return out
 
 
-@certs_group.command("init", short_help="Create both CAs, a server and client certificates.")
+@certs_group.command("init", short_help="Create everything at once: both CAs, server and clients.")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--server-name",
