@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A tour of Workernator on this machine (`make demo`, as root, once the .venv exists).
 #
-# 1. Creates .demo/ in the checkout: certificates (`workernator certs init`), configs, logs, and
+# 1. Creates .demo/ in the checkout: certificates (`workernator certs init`: a server CA and a
+#    client CA, their keys in .demo/certs/ca/, which the api cannot enter), configs, logs, and
 #    the runner's state.
 # 2. Creates the unprivileged system users workernator-demo (for the api) and workernator-job
 #    (the runner's job_user) if they do not exist (they stay).
@@ -241,8 +242,8 @@ fi
 echo "demo: certificates for the api (localhost, 127.0.0.1), alice (user), carol (viewer), admin"
 "${CLI[@]}" certs init "$DEMO/certs" --server-name localhost --server-name 127.0.0.1 \
     --user alice:user --user carol:viewer --user admin:admin >/dev/null
-# The api reads its own key and the CA; it can traverse the directory but not list it, and
-# every other key stays root's (0600).
+# The api reads its own key and the client CA's certificate; it can traverse the directory but
+# not list it, every other key stays root's (0600), and the CA keys are in ca/ (0700, root's).
 chmod 0711 "$DEMO/certs"
 chown "$DEMO_USER" "$DEMO/certs/server-key.pem"
 
@@ -265,7 +266,7 @@ cat >"$DEMO/api.toml" <<EOF
 listen = "127.0.0.1:$PORT"
 cert = "$DEMO/certs/server.pem"
 key = "$DEMO/certs/server-key.pem"
-client_ca = "$DEMO/certs/ca.pem"
+client_ca = "$DEMO/certs/client-ca.pem"
 runner_socket = "$SOCKET"
 log_level = "info"
 EOF
@@ -304,7 +305,7 @@ for _ in $(seq 300); do
 done
 port_open "$PORT" || die "the api does not listen on 127.0.0.1:$PORT"
 export WORKERNATOR_HOST=127.0.0.1:$PORT
-export WORKERNATOR_CA=$DEMO/certs/ca.pem
+export WORKERNATOR_CA=$DEMO/certs/server-ca.pem  # the CLI trusts the server CA for the api
 export WORKERNATOR_CONFIG=/dev/null  # nothing from ~/.config
 API_READY=1
 

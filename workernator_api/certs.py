@@ -1,8 +1,10 @@
 """Certificate tooling: CAs, server and client certificates, and the identity in a client cert.
 
 Design section 8: ECDSA P-256 keys, SHA-256 signatures, separate client and server CAs (every
-function takes the CA to sign with), leaves that are CA:FALSE with key usage and extended key
-usage set, server certificates with SANs, private keys written 0600.
+function takes the CA to sign with; a CA made for one kind refuses to sign the other), leaves
+that are CA:FALSE with key usage and extended key usage set, server certificates with SANs,
+private keys written 0600. A client leaf counts only when the client CA issued it directly
+(:func:`check_issuer`): no intermediate CAs.
 
 A client certificate carries the identity the API authorizes: CN = user name, O = role (as
 Kubernetes does). :func:`identity_from_cert` is the one rule that reads it back; the API server
@@ -20,18 +22,20 @@ import ipaddress
 import os
 import re
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
-    "CA_CERT_FILE",
-    "CA_KEY_FILE",
+    "CA_KEY_DIR",
+    "CA_KINDS",
     "DEFAULT_CA_VALID_DAYS",
     "DEFAULT_LEAF_VALID_DAYS",
     "MAX_USER_LENGTH",
@@ -43,7 +47,12 @@ __all__ = [
     "InvalidIdentityError",
     "PrivateKey",
     "ServerKeyError",
+    "ca_file_names",
+    "ca_kind",
+    "check_issuer",
+    "check_key_dir",
     "check_server_key_pair",
+    "check_validity",
     "create_ca",
     "create_client_cert",
     "create_deployment",
@@ -51,8 +60,10 @@ __all__ = [
     "generate_key",
     "identity_from_cert",
     "identity_from_pem",
+    "load_ca_bundle",
     "load_cert",
     "load_key",
+    "make_key_dir",
     "split_server_names",
     "user_file_names",
     "validate_role",
@@ -76,9 +87,15 @@ _USER_RE = re.compile(r"[A-Za-z0-9._-]+")
 DEFAULT_CA_VALID_DAYS = 3650
 DEFAULT_LEAF_VALID_DAYS = 365
 
-# File names written by create_deployment (one CA signs both the server and the clients there).
-CA_CERT_FILE = "ca.pem"
-CA_KEY_FILE = "ca-key.pem"
+CA_KINDS: dict[str, x509.ObjectIdentifier] = {
+    "server": ExtendedKeyUsageOID.SERVER_AUTH,
+    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+}
+"""The two kinds of CA, and the extended key usage that marks (and limits) what each issues."""
+
+# File names written by create_deployment and found by the CLI's certs commands. The CA keys go
+# in a directory of their own (0700) that no daemon's configuration points at.
+CA_KEY_DIR = "ca"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server-key.pem"
 
@@ -149,8 +166,8 @@ def identity_from_cert(cert: x509.Certificate) -> tuple[str, str]:
     (:func:`validate_user`, :func:`validate_role`). As defense in depth the certificate must also
     be a leaf meant for client authentication (not a CA; extended key usage includes
     clientAuth), so a server certificate from a shared CA never passes as a client.
-    Raises :class:`InvalidIdentityError` naming the problem. This does not check the signature
-    chain or validity dates: the TLS layer has done that before the API sees the peer.
+    Raises :class:`InvalidIdentityError` naming the problem. This does not check who issued it
+    (:func:`check_issuer` does) or its validity dates (:func:`check_validity`).
     """
     try:
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -181,6 +198,75 @@ def identity_from_pem(pem: bytes) -> tuple[str, str]:
     except ValueError as exc:
         raise InvalidIdentityError(f"client certificate does not parse: {exc}") from None
     return identity_from_cert(cert)
+
+
+# --- verifying a peer -------------------------------------------------------------------------
+
+
+def check_issuer(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> x509.Certificate:
+    """Return the CA of ``cas`` that issued ``cert`` directly (its signature checked).
+
+    TLS libraries build a path through whatever intermediates the peer sends, and BoringSSL
+    (gRPC's) does not enforce the CAs' path length 0. So the api checks every call's client
+    certificate here too: it must be signed by one of the configured client CAs themselves.
+    Raises :class:`InvalidIdentityError` otherwise.
+    """
+    for ca in cas:
+        if cert.issuer != ca.subject:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return ca
+    raise InvalidIdentityError(
+        f"client certificate was not issued directly by a client CA this server trusts (its "
+        f"issuer is {cert.issuer.rfc4514_string() or '(empty)'}; intermediate CAs are not "
+        "accepted)"
+    )
+
+
+def check_validity(cert: x509.Certificate, what: str, now: datetime.datetime | None = None) -> None:
+    """Raise ValueError if ``cert`` (called ``what`` in the message) is expired or not yet
+    valid at ``now`` (default: the current time)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        raise ValueError(f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if cert.not_valid_before_utc > now:
+        raise ValueError(
+            f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def load_ca_bundle(pem: bytes, kind: str) -> list[x509.Certificate]:
+    """The CA certificates of a PEM bundle that must hold only CAs of ``kind`` (or of no kind).
+
+    A file the api (``kind="client"``) or the CLI (``kind="server"``) trusts: a leaf in it, or
+    the CA of the other kind, is a configuration mistake worth an error that says so (a server CA
+    in the client bundle would let server certificates in as clients). Raises ValueError.
+    """
+    try:
+        cas = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError("not a PEM certificate") from None
+    for number, ca in enumerate(cas, 1):
+        where = f"certificate {number} ({_subject(ca)})" if len(cas) > 1 else _subject(ca)
+        if not _is_ca(ca):
+            raise ValueError(f"{where} is not a CA certificate (BasicConstraints CA:TRUE)")
+        other = ca_kind(ca)
+        if other not in (None, kind):
+            raise ValueError(
+                f"{where} is the {other} CA (it issues {other} certificates only); "
+                f"give the {kind} CA"
+            )
+    return cas
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -301,6 +387,7 @@ def _leaf_builder(
 ) -> x509.CertificateBuilder:
     not_before, not_after = _validity(valid_days)
     _check_ca(ca_key, ca_cert)
+    _check_kind(ca_cert, purpose)
     not_after = _cap_to_ca(not_after, ca_cert)
     try:
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -337,13 +424,18 @@ def _leaf_builder(
 
 
 def create_ca(
-    common_name: str, valid_days: int = DEFAULT_CA_VALID_DAYS
+    common_name: str, valid_days: int = DEFAULT_CA_VALID_DAYS, *, kind: str | None = None
 ) -> tuple[PrivateKey, x509.Certificate]:
     """Create a self-signed CA: a new key and its certificate.
 
     CA:TRUE with path length 0 (it signs leaves only), key usage keyCertSign + cRLSign (both
-    critical), a subject key identifier. Use one for clients and another for servers.
+    critical), a subject key identifier. ``kind`` (``"server"`` or ``"client"``, see
+    :data:`CA_KINDS`) adds an extended key usage that limits the CA to that kind of leaf: TLS
+    stacks (OpenSSL, BoringSSL, Go) then refuse a leaf of the other kind under it, and this
+    module refuses to sign one. Use one CA for clients and another for servers.
     """
+    if kind is not None and kind not in CA_KINDS:
+        raise ValueError(f"unknown CA kind {kind!r}; the kinds are {', '.join(CA_KINDS)}")
     if not isinstance(common_name, str) or not common_name.strip():
         raise ValueError("CA common name is empty")
     if len(common_name) > _MAX_COMMON_NAME:
@@ -351,7 +443,7 @@ def create_ca(
     not_before, not_after = _validity(valid_days)
     key = generate_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -375,9 +467,39 @@ def create_ca(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
+    if kind is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([CA_KINDS[kind]]), critical=False)
+    return key, builder.sign(key, hashes.SHA256())
+
+
+def ca_kind(cert: x509.Certificate) -> str | None:
+    """``"server"`` or ``"client"`` for a CA limited to that kind of leaf, else None."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    kinds = [kind for kind, oid in CA_KINDS.items() if oid in eku]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+def _check_kind(ca_cert: x509.Certificate, purpose: x509.ObjectIdentifier) -> None:
+    """A CA made for one kind of leaf does not sign the other kind."""
+    try:
+        eku = ca_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if purpose not in eku:
+        wanted = next(kind for kind, oid in CA_KINDS.items() if oid == purpose)
+        issues = ca_kind(ca_cert) or "other"
+        raise ValueError(
+            f"the CA {_subject(ca_cert)} issues {issues} certificates only; sign {wanted} "
+            f"certificates with the {wanted} CA"
+        )
 
 
 def create_server_cert(
@@ -555,9 +677,11 @@ def check_server_key_pair(key_pem: bytes, cert_pem: bytes) -> None:
 
     The key must be ECDSA on P-256 or P-384: TLS 1.3-only rests on it, since the TLS 1.2
     cipher suites left enabled are RSA-authenticated ones, which an EC key cannot use (with an
-    RSA key, TLS 1.2 handshakes would succeed). The key must belong to the certificate.
-    Raises :class:`ServerKeyError` about the key, and a plain :class:`ValueError` when the
-    certificate file holds no certificate.
+    RSA key, TLS 1.2 handshakes would succeed). The key must belong to the certificate. The
+    certificate must be one clients accept from a server: not a CA, valid now, and with
+    serverAuth in its extended key usage when it has one.
+    Raises :class:`ServerKeyError` about the key, and a plain :class:`ValueError` about the
+    certificate.
     """
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -574,6 +698,21 @@ def check_server_key_pair(key_pem: bytes, cert_pem: bytes) -> None:
         cert = x509.load_pem_x509_certificates(cert_pem)[0]
     except ValueError:
         raise ValueError("not a PEM certificate") from None
+    if _is_ca(cert):
+        raise ValueError(
+            "this is a CA certificate, not a server certificate (make one with "
+            "'workernator certs server')"
+        )
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        raise ValueError(
+            "not a server certificate: its extended key usage lacks serverAuth (a client "
+            "certificate?)"
+        )
+    check_validity(cert, "the server certificate")
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
@@ -592,13 +731,26 @@ def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
 # --- a whole deployment in one call ------------------------------------------------------------
 
 
+def ca_file_names(kind: str) -> tuple[str, str]:
+    """The ``(certificate, key)`` paths of the ``kind`` CA, relative to a deployment directory:
+    ``<kind>-ca.pem`` beside the leaves (public: daemons and clients read it), and
+    ``ca/<kind>-ca-key.pem`` in the CA key directory, which no daemon reads."""
+    if kind not in CA_KINDS:
+        raise ValueError(f"unknown CA kind {kind!r}; the kinds are {', '.join(CA_KINDS)}")
+    return f"{kind}-ca.pem", f"{CA_KEY_DIR}/{kind}-ca-key.pem"
+
+
 @dataclass(frozen=True)
 class Deployment:
     """The files :func:`create_deployment` wrote."""
 
     directory: Path
-    ca_cert: Path
-    ca_key: Path
+    server_ca_cert: Path
+    """What clients trust the server with (the CLI's ``--ca``)."""
+    server_ca_key: Path
+    client_ca_cert: Path
+    """What the api trusts clients with (``api.client_ca``)."""
+    client_ca_key: Path
     server_cert: Path
     server_key: Path
     users: dict[str, tuple[Path, Path]]
@@ -611,23 +763,47 @@ def user_file_names(user: str) -> tuple[str, str]:
     return f"{user}.pem", f"{user}-key.pem"
 
 
+def check_key_dir(path: Path) -> None:
+    """An existing directory for private keys must be a real directory (not a symlink) that
+    grants nothing to group or others; a missing one is fine. Raises ValueError."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path} is not a directory")
+    if info.st_mode & 0o077:
+        raise ValueError(
+            f"{path} is open to group or others (mode {stat.S_IMODE(info.st_mode):04o}); CA "
+            "keys go in a directory only its owner can enter (chmod 0700 it)"
+        )
+
+
+def make_key_dir(path: Path) -> None:
+    """Create ``path`` (0700) for private keys if missing, then :func:`check_key_dir` it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_key_dir(path)
+
+
 def create_deployment(
     directory: str | os.PathLike[str],
     server_names: Sequence[str],
     users: Sequence[tuple[str, str]],
     *,
-    ca_common_name: str = "Workernator CA",
     ca_valid_days: int = DEFAULT_CA_VALID_DAYS,
     valid_days: int = DEFAULT_LEAF_VALID_DAYS,
     overwrite: bool = False,
 ) -> Deployment:
-    """Create one CA and everything it signs, for a demo or a test, in ``directory``.
+    """Create a server CA, a client CA and everything they sign, in ``directory``.
 
-    Writes ``ca.pem``/``ca-key.pem`` (a single CA for both servers and clients),
+    Writes ``server-ca.pem`` and ``client-ca.pem`` (the CA certificates),
     ``server.pem``/``server-key.pem`` for ``server_names`` (DNS names and IP addresses, mixed;
-    see :func:`split_server_names`), and ``<user>.pem``/``<user>-key.pem`` for each
-    ``(user, role)``. ``directory`` is created (mode 0700) if missing. Everything is validated,
-    and file name clashes and existing files are detected, before anything is written.
+    see :func:`split_server_names`) signed by the server CA, and ``<user>.pem``/
+    ``<user>-key.pem`` for each ``(user, role)`` signed by the client CA. The CA keys go in
+    ``ca/`` (0700), away from the files the api and the clients read. ``directory`` is created
+    (mode 0700) if missing. Everything is validated, and file name clashes and existing files
+    are detected, before anything is written; an existing file is an error naming it unless
+    ``overwrite`` is true.
     """
     _check_valid_days(ca_valid_days)
     _check_valid_days(valid_days)
@@ -645,12 +821,13 @@ def create_deployment(
         raise ValueError(f"user listed more than once: {', '.join(duplicates)}")
 
     root = Path(directory)
-    files: dict[str, str] = {
-        CA_CERT_FILE: "the CA certificate",
-        CA_KEY_FILE: "the CA key",
-        SERVER_CERT_FILE: "the server certificate",
-        SERVER_KEY_FILE: "the server key",
-    }
+    files: dict[str, str] = {}
+    for kind in CA_KINDS:
+        cert_name, key_name = ca_file_names(kind)
+        files[cert_name] = f"the {kind} CA certificate"
+        files[key_name] = f"the {kind} CA key"
+    files[SERVER_CERT_FILE] = "the server certificate"
+    files[SERVER_KEY_FILE] = "the server key"
     for user, _ in users:
         for file_name in user_file_names(user):
             if file_name in files:
@@ -659,36 +836,47 @@ def create_deployment(
                 )
             files[file_name] = f"a file of user {user!r}"
     if not overwrite:
-        existing = sorted(name for name in files if (root / name).exists())
+        existing = [root / name for name in files if (root / name).exists()]
         if existing:
             raise FileExistsError(
-                f"{root} already holds {', '.join(existing)}; refusing to overwrite "
-                "(pass overwrite=True)"
+                f"{existing[0]} already exists"
+                + (f" (and {len(existing) - 1} more of the files to write)" if existing[1:] else "")
+                + "; refusing to overwrite (pass overwrite=True)"
             )
+    check_key_dir(root / CA_KEY_DIR)
 
-    ca_key, ca_cert = create_ca(ca_common_name, ca_valid_days)
+    server_ca_key, server_ca = create_ca("Workernator server CA", ca_valid_days, kind="server")
+    client_ca_key, client_ca = create_ca("Workernator client CA", ca_valid_days, kind="client")
     server_key, server_cert = create_server_cert(
-        ca_key, ca_cert, dns_names, ip_addresses, valid_days
+        server_ca_key, server_ca, dns_names, ip_addresses, valid_days
     )
     clients = {
-        user: create_client_cert(ca_key, ca_cert, user, role, valid_days) for user, role in users
+        user: create_client_cert(client_ca_key, client_ca, user, role, valid_days)
+        for user, role in users
     }
 
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_cert(root / CA_CERT_FILE, ca_cert, overwrite=overwrite)
-    write_key(root / CA_KEY_FILE, ca_key, overwrite=overwrite)
-    write_cert(root / SERVER_CERT_FILE, server_cert, overwrite=overwrite)
+    make_key_dir(root / CA_KEY_DIR)
+    server_ca_files = [root / name for name in ca_file_names("server")]
+    client_ca_files = [root / name for name in ca_file_names("client")]
+    write_key(server_ca_files[1], server_ca_key, overwrite=overwrite)
+    write_cert(server_ca_files[0], server_ca, overwrite=overwrite)
+    write_key(client_ca_files[1], client_ca_key, overwrite=overwrite)
+    write_cert(client_ca_files[0], client_ca, overwrite=overwrite)
     write_key(root / SERVER_KEY_FILE, server_key, overwrite=overwrite)
+    write_cert(root / SERVER_CERT_FILE, server_cert, overwrite=overwrite)
     user_paths: dict[str, tuple[Path, Path]] = {}
     for user, (key, cert) in clients.items():
         cert_name, key_name = user_file_names(user)
-        write_cert(root / cert_name, cert, overwrite=overwrite)
         write_key(root / key_name, key, overwrite=overwrite)
+        write_cert(root / cert_name, cert, overwrite=overwrite)
         user_paths[user] = (root / cert_name, root / key_name)
     return Deployment(
         directory=root,
-        ca_cert=root / CA_CERT_FILE,
-        ca_key=root / CA_KEY_FILE,
+        server_ca_cert=server_ca_files[0],
+        server_ca_key=server_ca_files[1],
+        client_ca_cert=client_ca_files[0],
+        client_ca_key=client_ca_files[1],
         server_cert=root / SERVER_CERT_FILE,
         server_key=root / SERVER_KEY_FILE,
         users=user_paths,

@@ -9,7 +9,7 @@
     workernator jobs stop ID                stop it
     workernator jobs list                   the jobs you may see
     workernator jobs types                  the job types the server runs, and their arguments
-    workernator certs init DIR ...          a CA, a server certificate and client certificates
+    workernator certs init DIR ...          the CAs, a server certificate and client certificates
     workernator completion bash             shell completion
 
 Every ``jobs`` command connects to the API over mutual TLS. Where to connect and with which
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import queue
@@ -44,6 +43,7 @@ from click.shell_completion import CompletionItem, get_completion_class
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
@@ -185,7 +185,7 @@ def normalize_host(host: str) -> str:
 _WHAT = {
     "cert": "client certificate",
     "key": "client private key",
-    "ca": "CA certificate (to verify the API server)",
+    "ca": "server CA certificate (to verify the API server)",
 }
 
 
@@ -220,8 +220,41 @@ def _load_key(path: str, data: bytes) -> PrivateKeyTypes:
         raise CliError(f"{path} (--key) is not a PEM private key") from None
 
 
+def check_client_certificate(path: str, cert: x509.Certificate) -> None:
+    """Refuse, naming what is wrong, a certificate the API would not take as a client's: the
+    handshake would fail with a message that does not say why (or the call UNAUTHENTICATED)."""
+    hint = "use a certificate made with 'workernator certs client'"
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is not None and basic.ca:
+        raise CliError(f"{path} (--cert) is a CA certificate, not a client certificate; {hint}")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        what = "a server certificate?" if eku and ExtendedKeyUsageOID.SERVER_AUTH in eku else hint
+        raise CliError(
+            f"{path} (--cert) is not a client certificate: its extended key usage lacks "
+            f"clientAuth ({what})"
+        )
+    try:
+        certs.check_validity(cert, f"the client certificate {path} (--cert)")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        certs.identity_from_cert(cert)  # the user name and role the API will read
+    except ValueError as exc:
+        raise CliError(f"{path} (--cert) cannot be used: {exc}") from None
+
+
 def resolve_connection(settings: Settings) -> Connection:
-    """Options > environment (click read both into ``settings``) > config file > default."""
+    """Options > environment (click read both into ``settings``) > config file > default.
+
+    The files are checked before anything connects: each parses, the key belongs to the
+    certificate, which is a valid client certificate now, and ``ca`` is the server CA."""
     explicit = settings.config is not None
     config_path = Path(settings.config).expanduser() if settings.config else default_config_path()
     config = load_client_config(config_path, explicit=explicit)
@@ -238,7 +271,10 @@ def resolve_connection(settings: Settings) -> Connection:
     data = {name: _read(path, name) for name, path in paths.items()}
     cert = _load_certificate("cert", paths["cert"], data["cert"])
     key = _load_key(paths["key"], data["key"])
-    _load_certificate("ca", paths["ca"], data["ca"])
+    try:
+        certs.load_ca_bundle(data["ca"], "server")
+    except ValueError as exc:
+        raise CliError(f"{paths['ca']} (--ca): {exc} (the server CA is server-ca.pem)") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
@@ -246,17 +282,7 @@ def resolve_connection(settings: Settings) -> Connection:
             f"the key {paths['key']} (--key) does not belong to the certificate "
             f"{paths['cert']} (--cert)"
         )
-    now = datetime.datetime.now(datetime.UTC)
-    if cert.not_valid_after_utc < now:
-        raise CliError(
-            f"the client certificate {paths['cert']} expired on "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    if cert.not_valid_before_utc > now:
-        raise CliError(
-            f"the client certificate {paths['cert']} is not valid before "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
+    check_client_certificate(paths["cert"], cert)
     return Connection(host=host, cert=data["cert"], key=data["key"], ca=data["ca"])
 
 
@@ -460,6 +486,12 @@ def describe_rpc_error(
                 f"cannot reach the API at {host}: TLS handshake failed, the server certificate "
                 f"was not accepted ({why}); check --ca"
             )
+        if "failed to create security handshaker" in lowered:
+            return (
+                f"cannot reach the API at {host}: the TLS client could not start with the "
+                "certificate and key given (check --cert and --key: a client certificate made "
+                "with 'workernator certs client' and its key)"
+            )
         if "tls" in lowered or "ssl" in lowered:
             return f"cannot reach the API at {host}: TLS handshake failed: {reason}"
         if "socket closed" in lowered or "endpoint closing" in lowered:
@@ -548,7 +580,11 @@ _CLIENT_OPTIONS = (
     ("host", "HOST:PORT", f"API server to connect to.  [default: {DEFAULT_HOST}]"),
     ("cert", "FILE", "Your client certificate (PEM)."),
     ("key", "FILE", "The private key of your client certificate (PEM)."),
-    ("ca", "FILE", "CA certificate that signed the API server's certificate (PEM)."),
+    (
+        "ca",
+        "FILE",
+        "The server CA certificate (PEM, server-ca.pem): the CA of the API server's certificate.",
+    ),
     (
         "config",
         "FILE",
@@ -767,7 +803,7 @@ def jobs() -> None:
       host = "workernator.example.com:8443"
       cert = "~/.config/workernator/alice.pem"
       key = "~/.config/workernator/alice-key.pem"
-      ca = "~/.config/workernator/ca.pem"
+      ca = "~/.config/workernator/server-ca.pem"
     """
 
 
@@ -1241,9 +1277,17 @@ def types(ctx: click.Context) -> None:
 def certs_group() -> None:
     """Create the certificates of a deployment: ECDSA P-256, SHA-256, keys written 0600.
 
-    A client certificate carries the identity: CN = user name, O = role (admin, user or
-    viewer). For production, use one CA for servers and another for clients ('certs ca --out
-    server-ca', 'certs ca --out client-ca').
+    Two CAs: the server CA signs the API server's certificate (clients trust it: --ca), the
+    client CA signs client certificates (the API trusts it: client_ca). A client certificate
+    carries the identity: CN = user name, O = role (admin, user or viewer).
+
+    \b
+    Files in DIR (--dir, default .):
+      server-ca.pem, client-ca.pem     the CA certificates (public)
+      ca/server-ca-key.pem, ca/client-ca-key.pem
+                                       the CA keys, in ca/ (0700): keep them off the API host
+      server.pem, server-key.pem       the API server's certificate and key
+      USER.pem, USER-key.pem           a client's certificate and key
     """
 
 
@@ -1270,21 +1314,26 @@ def _days_option(default: int) -> Callable[[_F], _F]:
     )
 
 
-def _ca_options(f: _F) -> _F:
-    f = click.option(
-        "--ca-key",
-        metavar="FILE",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="The CA's private key.  [default: DIR/ca-key.pem]",
-    )(f)
-    return click.option(
-        "--ca",
-        metavar="FILE",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="The CA certificate to sign with.  [default: DIR/ca.pem]",
-    )(f)
+def _ca_options(kind: str) -> Callable[[_F], _F]:
+    cert_name, key_name = certs.ca_file_names(kind)
+
+    def decorate(f: _F) -> _F:
+        f = click.option(
+            "--ca-key",
+            metavar="FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help=f"The {kind} CA's private key.  [default: DIR/{key_name}]",
+        )(f)
+        return click.option(
+            "--ca",
+            metavar="FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help=f"The {kind} CA certificate to sign with.  [default: DIR/{cert_name}]",
+        )(f)
+
+    return decorate
 
 
 def _fail(exc: BaseException) -> NoReturn:
@@ -1297,15 +1346,16 @@ def _fail(exc: BaseException) -> NoReturn:
 
 
 def _load_ca(
-    directory: Path, ca: Path | None, ca_key: Path | None
+    kind: str, directory: Path, ca: Path | None, ca_key: Path | None
 ) -> tuple[certs.PrivateKey, x509.Certificate]:
-    cert_path = ca if ca is not None else directory / certs.CA_CERT_FILE
-    key_path = ca_key if ca_key is not None else directory / certs.CA_KEY_FILE
+    cert_name, key_name = certs.ca_file_names(kind)
+    cert_path = ca if ca is not None else directory / cert_name
+    key_path = ca_key if ca_key is not None else directory / key_name
     for path, what in ((cert_path, "certificate"), (key_path, "key")):
         if not path.exists():
             raise CliError(
-                f"CA {what} {path} does not exist (create a CA with 'workernator certs ca', or "
-                "pass --ca and --ca-key)"
+                f"{kind} CA {what} {path} does not exist (create the CA with 'workernator certs "
+                f"ca {kind}', or pass --ca and --ca-key)"
             )
     try:
         return certs.load_key(key_path), certs.load_cert(cert_path)
@@ -1313,48 +1363,61 @@ def _load_ca(
         _fail(exc)
 
 
+def _refuse_existing(*paths: Path) -> None:
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise CliError(f"{path} already exists; use --force to overwrite it")
+
+
 def _write_pair(
-    directory: Path, stem: str, key: certs.PrivateKey, cert: x509.Certificate, force: bool
-) -> tuple[Path, Path]:
-    if not stem or "/" in stem or stem in (".", ".."):
-        raise CliError(f"--out must be a plain file name stem, got {stem!r}")
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+    cert_path: Path, key_path: Path, key: certs.PrivateKey, cert: x509.Certificate, force: bool
+) -> None:
+    """Write a key (0600, first) and its certificate; the key's directory is created 0700."""
     if not force:
-        for path in (cert_path, key_path):
-            if path.exists():
-                raise CliError(f"{path} already exists; use --force to overwrite it")
+        _refuse_existing(cert_path, key_path)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         certs.write_key(key_path, key, overwrite=force)
         certs.write_cert(cert_path, cert, overwrite=force)
     except (OSError, ValueError) as exc:
         _fail(exc)
     click.echo(f"Wrote {cert_path} (certificate) and {key_path} (private key, mode 0600).")
-    return cert_path, key_path
 
 
-@certs_group.command("ca", short_help="Create a certificate authority.")
+def _leaf_paths(directory: Path, stem: str) -> tuple[Path, Path]:
+    if not stem or "/" in stem or stem in (".", ".."):
+        raise CliError(f"--out must be a plain file name stem, got {stem!r}")
+    return directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+
+
+@certs_group.command("ca", short_help="Create the server CA or the client CA.")
+@click.argument("kind", metavar="KIND", type=click.Choice(list(certs.CA_KINDS)))
 @_dir_option
 @click.option(
-    "--out",
-    "stem",
-    default="ca",
-    show_default=True,
-    metavar="NAME",
-    help="Write NAME.pem and NAME-key.pem.",
-)
-@click.option(
-    "--common-name", default="Workernator CA", show_default=True, help="The CA's name (CN)."
+    "--common-name", default=None, help="The CA's name (CN).  [default: Workernator KIND CA]"
 )
 @_days_option(certs.DEFAULT_CA_VALID_DAYS)
 @_force_option
-def certs_ca(directory: Path, stem: str, common_name: str, days: int, force: bool) -> None:
-    """Create a certificate authority: a key and a self-signed CA certificate."""
+def certs_ca(kind: str, directory: Path, common_name: str | None, days: int, force: bool) -> None:
+    """Create the server CA or the client CA (KIND: server or client): a key and a self-signed
+    certificate, limited to signing that kind of certificate.
+
+    \b
+    Writes DIR/KIND-ca.pem and DIR/ca/KIND-ca-key.pem (ca/ is created 0700). Example:
+      workernator certs ca server --dir ./pki && workernator certs ca client --dir ./pki
+    """
+    cert_name, key_name = certs.ca_file_names(kind)
+    cert_path, key_path = directory / cert_name, directory / key_name
+    if not force:
+        _refuse_existing(cert_path, key_path)
     try:
-        key, cert = certs.create_ca(common_name, days)
-    except ValueError as exc:
+        key, cert = certs.create_ca(common_name or f"Workernator {kind} CA", days, kind=kind)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        certs.make_key_dir(key_path.parent)  # an existing ca/ must be 0700
+    except (OSError, ValueError) as exc:
         _fail(exc)
-    _write_pair(directory, stem, key, cert, force)
+    _write_pair(cert_path, key_path, key, cert, force)
 
 
 @certs_group.command("server", short_help="Create the API server's certificate.")
@@ -1367,7 +1430,7 @@ def certs_ca(directory: Path, stem: str, common_name: str, days: int, force: boo
     help="DNS name or IP address clients connect to (repeat for each); the first is the CN.",
 )
 @_dir_option
-@_ca_options
+@_ca_options("server")
 @click.option(
     "--out",
     "stem",
@@ -1387,19 +1450,24 @@ def certs_server(
     days: int,
     force: bool,
 ) -> None:
-    """Create the API server's key and certificate, signed by a CA.
+    """Create the API server's key and certificate, signed by the server CA.
 
     \b
     Example:
       workernator certs server --name localhost --name 127.0.0.1
+    To renew, write a new pair (--out server.new) and rename it over the old files: the API
+    takes it up for new connections, without a restart.
     """
-    ca_private, ca_cert = _load_ca(directory, ca, ca_key)
+    cert_path, key_path = _leaf_paths(directory, stem)
+    if not force:
+        _refuse_existing(cert_path, key_path)
+    ca_private, ca_cert = _load_ca("server", directory, ca, ca_key)
     dns_names, ip_addresses = certs.split_server_names(names)
     try:
         key, cert = certs.create_server_cert(ca_private, ca_cert, dns_names, ip_addresses, days)
     except ValueError as exc:
         _fail(exc)
-    _write_pair(directory, stem, key, cert, force)
+    _write_pair(cert_path, key_path, key, cert, force)
 
 
 @certs_group.command("client", short_help="Create a client certificate (user and role).")
@@ -1411,7 +1479,7 @@ def certs_server(
     help="admin: everything; user: start jobs, see and stop their own; viewer: read all jobs.",
 )
 @_dir_option
-@_ca_options
+@_ca_options("client")
 @click.option(
     "--out",
     "stem",
@@ -1431,7 +1499,7 @@ def certs_client(
     days: int,
     force: bool,
 ) -> None:
-    """Create a client key and certificate for USER with a role, signed by a CA.
+    """Create a client key and certificate for USER with a role, signed by the client CA.
 
     \b
     Example:
@@ -1441,12 +1509,15 @@ def certs_client(
         certs.validate_user(user)
     except ValueError as exc:
         _fail(exc)
-    ca_private, ca_cert = _load_ca(directory, ca, ca_key)
+    cert_path, key_path = _leaf_paths(directory, stem or user)
+    if not force:
+        _refuse_existing(cert_path, key_path)
+    ca_private, ca_cert = _load_ca("client", directory, ca, ca_key)
     try:
         key, cert = certs.create_client_cert(ca_private, ca_cert, user, role, days)
     except ValueError as exc:
         _fail(exc)
-    _write_pair(directory, stem or user, key, cert, force)
+    _write_pair(cert_path, key_path, key, cert, force)
 
 
 def _user_role(
@@ -1470,7 +1541,7 @@ def _user_role(
     return out
 
 
-@certs_group.command("init", short_help="Create a CA, a server and client certificates at once.")
+@certs_group.command("init", short_help="Create everything at once: both CAs, server and clients.")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--server-name",
@@ -1493,7 +1564,7 @@ def _user_role(
     type=click.IntRange(min=1),
     default=certs.DEFAULT_CA_VALID_DAYS,
     show_default=True,
-    help="Validity of the CA in days.",
+    help="Validity of the CAs in days.",
 )
 @_force_option
 def certs_init(
@@ -1504,12 +1575,13 @@ def certs_init(
     ca_days: int,
     force: bool,
 ) -> None:
-    """Create a whole test or demo deployment in DIR: one CA, a server certificate, and a client
-    certificate per --user.
+    """Create a whole deployment in DIR: a server CA and a client CA, the API server's
+    certificate, and a client certificate per --user.
 
     \b
-    Writes ca.pem, ca-key.pem, server.pem, server-key.pem, and USER.pem, USER-key.pem.
-    Example:
+    Writes server-ca.pem, client-ca.pem, ca/server-ca-key.pem, ca/client-ca-key.pem (ca/ is
+    0700), server.pem, server-key.pem, and USER.pem, USER-key.pem. Refuses to overwrite an
+    existing file unless --force. Example:
       workernator certs init ./certs --server-name localhost --user alice:user --user root:admin
     """
     try:
@@ -1525,15 +1597,21 @@ def certs_init(
         raise CliError(f"{exc}".replace("(pass overwrite=True)", "(use --force)")) from None
     except (OSError, ValueError) as exc:
         _fail(exc)
-    click.echo(f"Wrote to {deployment.directory}:")
-    click.echo(f"  {certs.CA_CERT_FILE}, {certs.CA_KEY_FILE}  the CA (keep its key secret)")
-    click.echo(f"  {certs.SERVER_CERT_FILE}, {certs.SERVER_KEY_FILE}  the API server")
-    for user, (cert_path, key_path) in deployment.users.items():
+    dep = deployment
+    click.echo(f"Wrote to {dep.directory}:")
+    click.echo(f"  {dep.server_ca_cert.name}  the server CA: clients trust it (--ca)")
+    click.echo(f"  {dep.client_ca_cert.name}  the client CA: the API trusts it (client_ca)")
+    click.echo(
+        f"  {certs.CA_KEY_DIR}/{dep.server_ca_key.name}, {certs.CA_KEY_DIR}/"
+        f"{dep.client_ca_key.name}  the CA keys: keep them secret, off the API host"
+    )
+    click.echo(f"  {dep.server_cert.name}, {dep.server_key.name}  the API server")
+    for user, (cert_path, key_path) in dep.users.items():
         click.echo(f"  {cert_path.name}, {key_path.name}  {user}")
-    if deployment.users:
-        user, (cert_path, key_path) = next(iter(deployment.users.items()))
+    if dep.users:
+        user, (cert_path, key_path) = next(iter(dep.users.items()))
         click.echo(f"To act as {user}:")
-        click.echo(f"  export WORKERNATOR_CA={deployment.ca_cert.resolve()}")
+        click.echo(f"  export WORKERNATOR_CA={dep.server_ca_cert.resolve()}")
         click.echo(f"  export WORKERNATOR_CERT={cert_path.resolve()}")
         click.echo(f"  export WORKERNATOR_KEY={key_path.resolve()}")
 

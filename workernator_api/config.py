@@ -6,9 +6,13 @@ Example (``/etc/workernator/api.toml``)::
     listen = "0.0.0.0:8443"                        # host:port for gRPC over mTLS
     cert = "/etc/workernator/server.pem"           # the server certificate (with SANs)
     key = "/etc/workernator/server-key.pem"        # its private key (readable by the api only)
-    client_ca = "/etc/workernator/ca.pem"          # CA that signs client certificates
+    client_ca = "/etc/workernator/client-ca.pem"   # the client CA: signs client certificates
     runner_socket = "/run/workernator/runner.sock" # the runner's Unix socket
     log_level = "info"                             # debug, info, warning, error
+
+The api follows its TLS files: a renewed cert/key or client CA bundle, renamed into place,
+serves new connections without a restart (:mod:`workernator_api.tls`). The CA keys belong
+elsewhere: nothing here points at them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class ApiConfig:
     listen: str = "0.0.0.0:8443"
     cert: Path = Path("/etc/workernator/server.pem")
     key: Path = Path("/etc/workernator/server-key.pem")
-    client_ca: Path = Path("/etc/workernator/ca.pem")
+    client_ca: Path = Path("/etc/workernator/client-ca.pem")
     runner_socket: Path = Path("/run/workernator/runner.sock")
     log_level: str = "info"
 

@@ -32,6 +32,7 @@ from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.limits import MAX_TRANSPORT_BYTES, ConcurrencyLimit, request_too_large
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
+from workernator_api.tls import AuthInterceptor, ServerTls, Unauthenticated
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 
@@ -75,16 +76,14 @@ class _Denied(Exception):
         self.message = message
 
 
-def identity_of(context: grpc.aio.ServicerContext[Any, Any]) -> authz.Identity:
-    """The caller, from its verified client certificate, on a TLS 1.3 connection only."""
-    auth = context.auth_context()
-    if auth.get("ssl_tls_version") != [b"TLSv1.3"]:
-        raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "TLS 1.3 is required")
-    pems = list(auth.get("x509_pem_cert", ()))
-    if not pems:
-        raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+def identity_of(context: grpc.aio.ServicerContext[Any, Any], tls: ServerTls) -> authz.Identity:
+    """The caller, from its client certificate as ``tls`` verifies it for every call: on TLS
+    1.3, issued directly by a client CA loaded now, valid now (:meth:`ServerTls.authenticate`)."""
     try:
-        user, role = certs.identity_from_pem(pems[0])
+        cert = tls.authenticate(context.auth_context())
+        user, role = certs.identity_from_cert(cert)
+    except Unauthenticated as exc:
+        raise _Denied(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
     except ValueError as exc:
         message = f"unusable client certificate: {exc}"
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, message) from None
@@ -137,9 +136,12 @@ class HealthServicer(health.aio.HealthServicer):
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, runner_socket: Path, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(
+        self, runner_socket: Path, health_servicer: health.aio.HealthServicer, tls: ServerTls
+    ) -> None:
         self.runner_socket = runner_socket
         self.health = health_servicer
+        self.tls = tls
         self._shared: RunnerClient | None = None
         self._connect_lock = asyncio.Lock()
         self.unary_calls = ConcurrencyLimit("requests", per_user=MAX_UNARY_PER_USER)
@@ -203,7 +205,7 @@ class JobService(pb_grpc.JobServiceServicer):
         try:
             _check_size(request)
             limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
-            return await self._unary(identity_of(context), action, limit)
+            return await self._unary(identity_of(context, self.tls), action, limit)
         except Exception as exc:
             await _abort(context, exc)
 
@@ -322,7 +324,7 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> AsyncIterator[pb.TailJobOutputResponse]:
         try:
             _check_size(request)
-            identity = identity_of(context)
+            identity = identity_of(context, self.tls)
             offset, last = _tail_start(request)
             with self.tails.hold(identity.user):
                 # Authorize on the shared connection, then stream on a connection of this
@@ -429,33 +431,15 @@ def _status(job: JobStatus) -> pb.JobStatus:
     return convert.job_status(job, spec.title if spec else job.type)
 
 
-def server_credentials(cfg: config_mod.ApiConfig) -> grpc.ServerCredentials:
-    """mTLS: our key pair, and client certificates required and verified against the CA.
-
-    The key must be ECDSA on P-256 or P-384 and match the certificate
-    (:func:`certs.check_server_key_pair`); otherwise the api refuses to start.
-    """
-    try:
-        key, cert, ca = cfg.key.read_bytes(), cfg.cert.read_bytes(), cfg.client_ca.read_bytes()
-    except OSError as exc:
-        raise config_mod.ConfigError(f"cannot read TLS files: {exc}") from None
-    try:
-        certs.check_server_key_pair(key, cert)
-    except certs.ServerKeyError as exc:
-        raise config_mod.ConfigError(f"api.key: {cfg.key}: {exc}") from None
-    except ValueError as exc:
-        raise config_mod.ConfigError(f"api.cert: {cfg.cert}: {exc}") from None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
-    )
-
-
 class ApiServer:
     def __init__(self, cfg: config_mod.ApiConfig) -> None:
         self.config = cfg
+        # mTLS: the files are checked now (a ConfigError names a bad one) and followed after.
+        self.tls = ServerTls(cfg)
         self.health = HealthServicer()
-        self.service = JobService(cfg.runner_socket, self.health)
+        self.service = JobService(cfg.runner_socket, self.health, self.tls)
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.tls)],  # every service: health, reflection too
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
@@ -470,7 +454,7 @@ class ApiServer:
         self.port = 0
 
     async def start(self) -> None:
-        self.port = self.server.add_secure_port(self.config.listen, server_credentials(self.config))
+        self.port = self.server.add_secure_port(self.config.listen, self.tls.credentials())
         if self.port == 0:
             raise config_mod.ConfigError(f"cannot listen on {self.config.listen}")
         await self.server.start()

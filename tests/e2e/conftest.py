@@ -65,14 +65,14 @@ class Stack:
             WORKERNATOR_HOST=self.address,
             WORKERNATOR_CERT=str(self.certs / f"{user}.pem"),
             WORKERNATOR_KEY=str(self.certs / f"{user}-key.pem"),
-            WORKERNATOR_CA=str(self.certs / "ca.pem"),
+            WORKERNATOR_CA=str(self.certs / "server-ca.pem"),
             WORKERNATOR_CONFIG=os.devnull,  # no config file: flags and env only
         )
 
     def credentials(self, user: str) -> tuple[bytes, bytes, bytes]:
-        """(ca, cert, key) PEM bytes for a gRPC client acting as ``user``."""
+        """(server CA, cert, key) PEM bytes for a gRPC client acting as ``user``."""
         return (
-            (self.certs / "ca.pem").read_bytes(),
+            (self.certs / "server-ca.pem").read_bytes(),
             (self.certs / f"{user}.pem").read_bytes(),
             (self.certs / f"{user}-key.pem").read_bytes(),
         )
@@ -90,17 +90,83 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError("api did not start listening")
 
 
+def make_certs(cert_dir: Path, api_uid: int) -> certs.Deployment:
+    """The deployment of the e2e tests: both CAs, the api's pair, a client pair per user.
+
+    The api's own key is readable by the api's user only; the CA keys stay in ``ca/`` (0700,
+    root's), which the api cannot enter: it never needs them.
+    """
+    deployment = certs.create_deployment(cert_dir, ["localhost", "127.0.0.1"], USERS)
+    if api_uid != os.geteuid():
+        os.chown(deployment.server_key, api_uid, -1)
+        os.chmod(cert_dir, 0o755)
+    return deployment
+
+
+def write_api_config(
+    path: Path, port: int, cert_dir: Path, runner_socket: Path, **files: Path
+) -> Path:
+    """An api.toml for ``cert_dir``'s server pair and client CA (``files`` overrides them)."""
+    paths = {
+        "cert": cert_dir / "server.pem",
+        "key": cert_dir / "server-key.pem",
+        "client_ca": cert_dir / "client-ca.pem",
+    } | files
+    path.write_text(
+        "[api]\n"
+        f'listen = "127.0.0.1:{port}"\n'
+        + "".join(f'{name} = "{value}"\n' for name, value in paths.items())
+        + f'runner_socket = "{runner_socket}"\n'
+    )
+    return path
+
+
+def run_api(config: Path, log: Path, api_uid: int) -> subprocess.Popen[bytes]:
+    """``workernator-api --config config`` as ``api_uid`` (unprivileged unless it is root's),
+    its output in ``log``."""
+    unprivileged = api_uid != os.geteuid()
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workernator_api.server", "--config", str(config)],
+            cwd="/",
+            env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            stdout=out,
+            stderr=out,
+            user=api_uid if unprivileged else None,
+            group=pwd.getpwnam(API_USER).pw_gid if unprivileged else None,
+            extra_groups=[] if unprivileged else None,
+        )
+
+
+def start_api(config: Path, log: Path, api_uid: int, port: int) -> subprocess.Popen[bytes]:
+    """:func:`run_api`, returning once it listens on ``port``."""
+    api = run_api(config, log, api_uid)
+    try:
+        _wait_for_port(port, api, log)
+    except BaseException:
+        stop_api(api)
+        raise
+    return api
+
+
+def stop_api(api: subprocess.Popen[bytes]) -> None:
+    if api.poll() is None:
+        api.terminate()
+    try:
+        api.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        api.kill()
+        api.wait()
+
+
 @pytest.fixture(scope="module")
 def stack(job_user: str, egress_lab: EgressLab) -> Iterator[Stack]:
     tmp = short_tmpdir("wn-e2e-")
     os.chmod(tmp, 0o755)
     cert_dir = tmp / "certs"
-    certs.create_deployment(cert_dir, ["localhost", "127.0.0.1"], USERS)
     unprivileged = _can_run_as(API_USER)
     api_uid = pwd.getpwnam(API_USER).pw_uid if unprivileged else os.geteuid()
-    if unprivileged:  # the api's own key is readable by the api's user only
-        os.chown(cert_dir / "server-key.pem", api_uid, -1)
-        os.chmod(cert_dir, 0o755)
+    make_certs(cert_dir, api_uid)
 
     state = tmp / "state"
     state.mkdir()
@@ -125,32 +191,14 @@ def stack(job_user: str, egress_lab: EgressLab) -> Iterator[Stack]:
         os.chmod(cfg.socket, 0o660)
 
     port = _free_port()
-    (tmp / "api.toml").write_text(
-        "[api]\n"
-        f'listen = "127.0.0.1:{port}"\n'
-        f'cert = "{cert_dir / "server.pem"}"\n'
-        f'key = "{cert_dir / "server-key.pem"}"\n'
-        f'client_ca = "{cert_dir / "ca.pem"}"\n'
-        f'runner_socket = "{cfg.socket}"\n'
-    )
+    config = write_api_config(tmp / "api.toml", port, cert_dir, cfg.socket)
     api_log = tmp / "api.log"
-    with api_log.open("wb") as log:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "workernator_api.server", "--config", str(tmp / "api.toml")],
-            cwd="/",
-            env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            stdout=log,
-            stderr=log,
-            user=api_uid if unprivileged else None,
-            group=pwd.getpwnam(API_USER).pw_gid if unprivileged else None,
-            extra_groups=[] if unprivileged else None,
-        )
+    api = run_api(config, api_log, api_uid)
     try:
         _wait_for_port(port, api, api_log)
         yield Stack(f"127.0.0.1:{port}", cert_dir, cfg.socket, runner, api, api_log, api_uid, tmp)
     finally:
-        api.terminate()
-        api.wait(timeout=20)
+        stop_api(api)
         runner.stop()
         from tests.conftest import _stop_leftover_jobs
 

@@ -544,7 +544,7 @@ def test_tls_1_2_is_refused_and_tls_1_3_accepted(stack: Stack) -> None:
                 "-connect",
                 f"{host}:{port}",
                 "-CAfile",
-                str(stack.certs / "ca.pem"),
+                str(stack.certs / "server-ca.pem"),
                 "-cert",
                 str(stack.certs / "alice.pem"),
                 "-key",

@@ -155,7 +155,7 @@ class Api:
         """A JobService stub acting as ``user``, on a channel (a connection) of its own."""
         cert, key = self.pki.users[user]
         creds = grpc.ssl_channel_credentials(
-            self.pki.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes()
+            self.pki.server_ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes()
         )
         channel = grpc.aio.secure_channel(f"127.0.0.1:{self.api.port}", creds)
         self.channels.append(channel)
@@ -178,7 +178,7 @@ def api_config(tmp: Path, pki: certs.Deployment) -> config_mod.ApiConfig:
         listen="127.0.0.1:0",
         cert=pki.server_cert,
         key=pki.server_key,
-        client_ca=pki.ca_cert,
+        client_ca=pki.client_ca_cert,
         runner_socket=tmp / "runner.sock",
     )
 

@@ -263,7 +263,7 @@ def test_certificate_from_another_ca_is_refused(stack: Stack, tmp_path: Path) ->
 
 def test_server_not_trusted_by_our_ca(stack: Stack, tmp_path: Path) -> None:
     other = certs.create_deployment(tmp_path / "other", ["localhost"], [])
-    proc = wn(stack, "alice", "jobs", "list", "--ca", str(other.ca_cert))
+    proc = wn(stack, "alice", "jobs", "list", "--ca", str(other.server_ca_cert))
     one_line_error(proc, "TLS handshake failed", "check --ca")
 
 

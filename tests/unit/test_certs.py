@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tests import pki as tests_pki
 from workernator_api import certs
 from workernator_api import config as config_mod
-from workernator_api import server as api_server
+from workernator_api import tls as api_tls
 
 NOW_SLACK = datetime.timedelta(seconds=30)
 
@@ -614,45 +615,92 @@ def test_create_deployment(tmp_path: Path) -> None:
     dep = certs.create_deployment(
         out, ["localhost", "127.0.0.1"], [("alice", "admin"), ("bob", "viewer")]
     )
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "alice-key.pem",
         "alice.pem",
         "bob-key.pem",
         "bob.pem",
-        "ca-key.pem",
-        "ca.pem",
+        "ca",
+        "ca/client-ca-key.pem",
+        "ca/server-ca-key.pem",
+        "client-ca.pem",
+        "server-ca.pem",
         "server-key.pem",
         "server.pem",
     ]
     assert mode(out) == 0o700
-    for path in out.iterdir():
+    assert mode(out / "ca") == 0o700  # the CA keys: a directory of their own
+    for path in out.rglob("*.pem"):
         assert mode(path) == (0o600 if path.name.endswith("-key.pem") else 0o644), path
-    assert dep.ca_cert == out / "ca.pem"
-    assert dep.ca_key == out / "ca-key.pem"
+    assert dep.server_ca_cert == out / "server-ca.pem"
+    assert dep.server_ca_key == out / "ca" / "server-ca-key.pem"
+    assert dep.client_ca_cert == out / "client-ca.pem"
+    assert dep.client_ca_key == out / "ca" / "client-ca-key.pem"
     assert dep.server_cert == out / "server.pem"
     assert dep.server_key == out / "server-key.pem"
     assert dep.users == {
         "alice": (out / "alice.pem", out / "alice-key.pem"),
         "bob": (out / "bob.pem", out / "bob-key.pem"),
     }
-    ca_cert = certs.load_cert(dep.ca_cert)
+    server_ca = certs.load_cert(dep.server_ca_cert)
+    client_ca = certs.load_cert(dep.client_ca_cert)
+    assert server_ca != client_ca and server_ca.public_key() != client_ca.public_key()
+    assert (certs.ca_kind(server_ca), certs.ca_kind(client_ca)) == ("server", "client")
     server_cert = certs.load_cert(dep.server_cert)
-    assert_leaf_extensions(server_cert, ca_cert, ExtendedKeyUsageOID.SERVER_AUTH)
+    assert_leaf_extensions(server_cert, server_ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    for user in ("alice", "bob"):
+        leaf = certs.load_cert(dep.users[user][0])
+        assert_leaf_extensions(leaf, client_ca, ExtendedKeyUsageOID.CLIENT_AUTH)
     assert certs.identity_from_cert(certs.load_cert(out / "bob.pem")) == ("bob", "viewer")
     assert certs.load_key(dep.server_key).public_key() == server_cert.public_key()
+    assert certs.load_key(dep.server_ca_key).public_key() == server_ca.public_key()
+    assert certs.load_key(dep.client_ca_key).public_key() == client_ca.public_key()
 
-    with pytest.raises(FileExistsError, match=r"ca\.pem"):
+    with pytest.raises(FileExistsError, match=r"server-ca\.pem already exists .*refusing"):
         certs.create_deployment(out, ["localhost"], [])
     again = certs.create_deployment(out, ["localhost"], [("alice", "user")], overwrite=True)
-    assert certs.load_cert(again.ca_cert) != ca_cert
+    assert certs.load_cert(again.client_ca_cert) != client_ca
     assert certs.identity_from_cert(certs.load_cert(out / "alice.pem")) == ("alice", "user")
+
+
+def test_create_deployment_names_the_file_it_will_not_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "ca").mkdir(mode=0o700)
+    (tmp_path / "ca" / "client-ca-key.pem").write_text("mine\n")
+    with pytest.raises(FileExistsError) as exc:
+        certs.create_deployment(tmp_path, ["localhost"], [("alice", "user")])
+    assert str(exc.value) == (
+        f"{tmp_path / 'ca' / 'client-ca-key.pem'} already exists; refusing to overwrite "
+        "(pass overwrite=True)"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ca", "client-ca-key.pem"]
+
+
+@pytest.mark.parametrize("bad_mode", [0o750, 0o705, 0o777])
+def test_create_deployment_refuses_a_ca_key_directory_open_to_others(
+    tmp_path: Path, bad_mode: int
+) -> None:
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca").chmod(bad_mode)
+    with pytest.raises(ValueError, match=f"is open to group or others \\(mode {bad_mode:04o}\\)"):
+        certs.create_deployment(tmp_path, ["localhost"], [])
+    assert list(tmp_path.rglob("*.pem")) == []
+
+
+def test_create_deployment_refuses_a_symlinked_ca_key_directory(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ca").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="ca is not a directory"):
+        certs.create_deployment(tmp_path / "out", ["localhost"], [])
+    assert list(tmp_path.rglob("*.pem")) == []
 
 
 @pytest.mark.parametrize(
     ("users", "message"),
     [
         ([("alice", "admin"), ("alice", "user")], "more than once: alice"),
-        ([("ca", "admin")], "would write ca.pem, which is the CA certificate"),
+        ([("server-ca", "admin")], "would write server-ca.pem, which is the server CA cert"),
+        ([("client-ca", "admin")], "would write client-ca.pem, which is the client CA cert"),
         ([("server-key", "admin")], "would write server-key.pem, which is the server key"),
         ([("alice", "admin"), ("alice-key", "user")], "would write alice-key.pem"),
         ([("alice", "superuser")], "unknown role 'superuser'"),
@@ -681,18 +729,34 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="need
 @needs_openssl
 def test_openssl_verifies_the_deployment(tmp_path: Path) -> None:
     dep = certs.create_deployment(tmp_path, ["localhost", "127.0.0.1"], [("alice", "user")])
-    ca, srv = str(dep.ca_cert), str(dep.server_cert)
-    cli = str(dep.users["alice"][0])
-    for leaf, purpose in [(srv, "sslserver"), (cli, "sslclient")]:
+    server_ca, client_ca = str(dep.server_ca_cert), str(dep.client_ca_cert)
+    srv, cli = str(dep.server_cert), str(dep.users["alice"][0])
+    for ca, leaf, purpose in [(server_ca, srv, "sslserver"), (client_ca, cli, "sslclient")]:
         for extra in ([], ["-purpose", purpose]):
             result = run_openssl("verify", "-x509_strict", *extra, "-CAfile", ca, leaf)
             assert result.returncode == 0, (extra, result.stdout, result.stderr)
             assert result.stdout.strip() == f"{leaf}: OK"
     # The wrong purpose is refused: a server certificate is no client certificate and back.
-    for leaf, purpose in [(srv, "sslclient"), (cli, "sslserver")]:
+    for ca, leaf, purpose in [(server_ca, srv, "sslclient"), (client_ca, cli, "sslserver")]:
         result = run_openssl("verify", "-purpose", purpose, "-CAfile", ca, leaf)
         assert result.returncode != 0, (leaf, purpose, result.stdout)
         assert "certificate purpose" in result.stdout + result.stderr  # error 26
+    # Each CA vouches for its own leaves only, even when both are trusted together.
+    for ca, leaf in [(client_ca, srv), (server_ca, cli)]:
+        result = run_openssl("verify", "-CAfile", ca, leaf)
+        assert result.returncode != 0, (ca, leaf, result.stdout)
+    both = tmp_path / "both.pem"
+    both.write_bytes(dep.server_ca_cert.read_bytes() + dep.client_ca_cert.read_bytes())
+    for leaf, purpose in [(srv, "sslserver"), (cli, "sslclient")]:
+        result = run_openssl("verify", "-purpose", purpose, "-CAfile", str(both), leaf)
+        assert result.returncode == 0, (leaf, result.stdout, result.stderr)
+    # A client certificate signed with the server CA's key (certs.py refuses to make one) fails
+    # on the CA's extended key usage even where the server CA is trusted.
+    server_ca_pair = tests_pki.load_pair(dep.server_ca_cert, dep.server_ca_key)
+    crossed = tests_pki.issue(server_ca_pair, tests_pki.name("mallory", "admin"))
+    crossed_path, _ = tests_pki.write_pair(tmp_path, "crossed", crossed)
+    result = run_openssl("verify", "-purpose", "sslclient", "-CAfile", str(both), str(crossed_path))
+    assert result.returncode != 0, result.stdout
     # The key files are PKCS#8 P-256 keys that openssl reads.
     result = run_openssl("pkey", "-in", str(dep.server_key), "-noout", "-text")
     assert result.returncode == 0, result.stderr
@@ -844,9 +908,10 @@ def test_create_deployment_leaves_may_last_as_long_as_the_ca(tmp_path: Path) -> 
     dep = certs.create_deployment(
         tmp_path, ["localhost"], [("alice", "user")], ca_valid_days=5, valid_days=5
     )
-    ca_end = certs.load_cert(dep.ca_cert).not_valid_after_utc
-    assert certs.load_cert(dep.server_cert).not_valid_after_utc == ca_end
-    assert certs.load_cert(dep.users["alice"][0]).not_valid_after_utc == ca_end
+    server_ca_end = certs.load_cert(dep.server_ca_cert).not_valid_after_utc
+    client_ca_end = certs.load_cert(dep.client_ca_cert).not_valid_after_utc
+    assert certs.load_cert(dep.server_cert).not_valid_after_utc == server_ca_end
+    assert certs.load_cert(dep.users["alice"][0]).not_valid_after_utc == client_ca_end
     with pytest.raises(ValueError, match="longer than the CA's"):
         certs.create_deployment(tmp_path / "x", ["localhost"], [], ca_valid_days=5, valid_days=6)
 
@@ -910,7 +975,7 @@ def test_the_api_refuses_a_server_key_that_is_not_ecdsa_p256_or_p384(
     # TLS 1.2 are the RSA-authenticated ones (workernator_api/__init__.py).
     cfg = _server_pair(ca, key, tmp_path / "tls")
     with pytest.raises(config_mod.ConfigError) as exc:
-        api_server.server_credentials(cfg)
+        api_tls.ServerTls(cfg)
     assert str(exc.value) == (
         f"api.key: {cfg.key}: the server key must be an ECDSA key on P-256 or P-384 "
         f"(TLS 1.3-only relies on it); this one is {described}"
@@ -922,7 +987,7 @@ def test_the_api_accepts_ecdsa_p256_and_p384_server_keys(
     ca: tuple[certs.PrivateKey, x509.Certificate], tmp_path: Path, curve: ec.EllipticCurve
 ) -> None:
     cfg = _server_pair(ca, ec.generate_private_key(curve), tmp_path / "tls")
-    assert isinstance(api_server.server_credentials(cfg), grpc.ServerCredentials)
+    assert isinstance(api_tls.ServerTls(cfg).credentials(), grpc.ServerCredentials)
 
 
 def test_the_api_refuses_a_server_key_of_another_certificate(
@@ -932,11 +997,145 @@ def test_the_api_refuses_a_server_key_of_another_certificate(
     certs.write_key(tmp_path / "other-key.pem", certs.generate_key())
     other = dataclasses.replace(cfg, key=tmp_path / "other-key.pem")
     with pytest.raises(config_mod.ConfigError, match="does not belong to the server certificate"):
-        api_server.server_credentials(other)
+        api_tls.ServerTls(other)
     (tmp_path / "junk.pem").write_text("junk\n")
     junk_cert = dataclasses.replace(cfg, cert=tmp_path / "junk.pem")
     with pytest.raises(config_mod.ConfigError, match=r"api.cert: .*junk.pem: not a PEM cert"):
-        api_server.server_credentials(junk_cert)
+        api_tls.ServerTls(junk_cert)
     junk_key = dataclasses.replace(cfg, key=tmp_path / "junk.pem")
     with pytest.raises(config_mod.ConfigError, match=r"api.key: .*junk.pem: not a PEM private"):
-        api_server.server_credentials(junk_key)
+        api_tls.ServerTls(junk_key)
+
+
+def _api_config(
+    directory: Path, server: tests_pki.Pair, client_ca_pem: bytes
+) -> config_mod.ApiConfig:
+    directory.mkdir(exist_ok=True)
+    cert, key = tests_pki.write_pair(directory, "server", server)
+    (directory / "client-ca.pem").write_bytes(client_ca_pem)
+    return config_mod.ApiConfig(cert=cert, key=key, client_ca=directory / "client-ca.pem")
+
+
+def test_the_api_refuses_a_server_certificate_clients_would_refuse(tmp_path: Path) -> None:
+    """At start, a config error naming the file and what is wrong with it."""
+    server_ca = certs.create_ca("Server CA", 30, kind="server")
+    client_ca = certs.create_ca("Client CA", 30, kind="client")
+    client_ca_pem = cert_pem(client_ca[1])
+    localhost = [x509.DNSName("localhost")]
+    cases = {
+        "a CA": (server_ca, "this is a CA certificate, not a server certificate"),
+        "a client cert": (
+            tests_pki.issue(server_ca, tests_pki.name("alice", "user"), sans=localhost),
+            "not a server certificate: its extended key usage lacks serverAuth",
+        ),
+        "expired": (
+            tests_pki.issue(
+                server_ca,
+                tests_pki.name("localhost"),
+                eku=ExtendedKeyUsageOID.SERVER_AUTH,
+                not_before=tests_pki.NOW - 3 * tests_pki.DAY,
+                not_after=tests_pki.NOW - tests_pki.DAY,
+                sans=localhost,
+            ),
+            "the server certificate expired on",
+        ),
+        "not yet valid": (
+            tests_pki.issue(
+                server_ca,
+                tests_pki.name("localhost"),
+                eku=ExtendedKeyUsageOID.SERVER_AUTH,
+                not_before=tests_pki.NOW + tests_pki.DAY,
+                sans=localhost,
+            ),
+            "the server certificate is not valid before",
+        ),
+    }
+    for label, (pair, message) in cases.items():
+        cfg = _api_config(tmp_path / label.replace(" ", "-"), pair, client_ca_pem)
+        with pytest.raises(config_mod.ConfigError) as exc:
+            api_tls.ServerTls(cfg)
+        assert str(exc.value).startswith(f"api.cert: {cfg.cert}: {message}"), (label, exc.value)
+
+
+def test_the_api_refuses_a_client_ca_bundle_that_is_not_the_client_ca(tmp_path: Path) -> None:
+    server_ca = certs.create_ca("Server CA", 30, kind="server")
+    client_ca = certs.create_ca("Client CA", 30, kind="client")
+    server = certs.create_server_cert(*server_ca, ["localhost"], valid_days=7)
+    alice = certs.create_client_cert(*client_ca, "alice", "user", 7)
+    cases = {
+        "server CA": (
+            cert_pem(server_ca[1]),
+            "CN=Server CA is the server CA (it issues server certificates only); give the "
+            "client CA",
+        ),
+        "leaf": (
+            cert_pem(alice[1]),
+            "CN=alice,O=user is not a CA certificate (BasicConstraints CA:TRUE)",
+        ),
+        "second is a leaf": (
+            cert_pem(client_ca[1]) + cert_pem(alice[1]),
+            "certificate 2 (CN=alice,O=user) is not a CA certificate (BasicConstraints CA:TRUE)",
+        ),
+        "garbage": (b"hello\n", "not a PEM certificate"),
+        "empty": (b"", "not a PEM certificate"),
+    }
+    for label, (bundle, message) in cases.items():
+        cfg = _api_config(tmp_path / label.replace(" ", "-"), server, bundle)
+        with pytest.raises(config_mod.ConfigError) as exc:
+            api_tls.ServerTls(cfg)
+        assert str(exc.value) == f"api.client_ca: {cfg.client_ca}: {message}", label
+    both = cert_pem(client_ca[1]) + cert_pem(certs.create_ca("Old client CA", 30)[1])
+    cfg = _api_config(tmp_path / "two-client-cas", server, both)
+    assert len(api_tls.ServerTls(cfg).current().client_cas) == 2
+
+
+def test_an_unreadable_tls_file_is_named(tmp_path: Path) -> None:
+    server_ca = certs.create_ca("Server CA", 30, kind="server")
+    cfg = _api_config(
+        tmp_path,
+        certs.create_server_cert(*server_ca, ["localhost"], valid_days=7),
+        cert_pem(server_ca[1]),
+    )
+    missing = dataclasses.replace(cfg, client_ca=tmp_path / "nope.pem")
+    with pytest.raises(config_mod.ConfigError) as exc:
+        api_tls.ServerTls(missing)
+    assert str(exc.value) == (
+        f"api.client_ca: cannot read {tmp_path / 'nope.pem'}: No such file or directory"
+    )
+
+
+# --- CA kinds and the direct-issuer rule ----------------------------------------------------------
+
+
+def test_a_ca_of_a_kind_carries_it_and_signs_only_that_kind() -> None:
+    server_ca = certs.create_ca("S", 30, kind="server")
+    client_ca = certs.create_ca("C", 30, kind="client")
+    assert ext(server_ca[1], x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    assert certs.ca_kind(client_ca[1]) == "client"
+    assert certs.ca_kind(certs.create_ca("Any", 30)[1]) is None
+    with pytest.raises(ValueError, match="CN=C issues client certificates only; sign server"):
+        certs.create_server_cert(*client_ca, ["localhost"])
+    with pytest.raises(ValueError, match="CN=S issues server certificates only; sign client"):
+        certs.create_client_cert(*server_ca, "alice", "admin", 7)
+    with pytest.raises(ValueError, match="unknown CA kind 'user'"):
+        certs.create_ca("X", 30, kind="user")
+
+
+def test_check_issuer_accepts_only_a_leaf_the_ca_signed_itself() -> None:
+    client_ca = certs.create_ca("Client CA", 30, kind="client")
+    other_ca = certs.create_ca("Client CA", 30, kind="client")  # same name, another key
+    alice = certs.create_client_cert(*client_ca, "alice", "user", 7)
+    assert certs.check_issuer(alice[1], [other_ca[1], client_ca[1]]) == client_ca[1]
+    (_, leaf), _ = tests_pki.intermediate_chain(client_ca, "mallory", "admin")
+    with pytest.raises(certs.InvalidIdentityError) as exc:
+        certs.check_issuer(leaf, [client_ca[1]])
+    assert str(exc.value) == (
+        "client certificate was not issued directly by a client CA this server trusts (its "
+        "issuer is CN=Workernator team CA; intermediate CAs are not accepted)"
+    )
+    with pytest.raises(certs.InvalidIdentityError, match="not issued directly"):
+        certs.check_issuer(alice[1], [other_ca[1]])  # the name matches, the signature does not
+    with pytest.raises(certs.InvalidIdentityError, match="not issued directly"):
+        certs.check_issuer(alice[1], [])

@@ -28,6 +28,7 @@ from click.testing import CliRunner, Result
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tests import pki as pkitools
 from workernator_api import certs, cli
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
@@ -181,7 +182,7 @@ def _server(service: FakeService, deployment: certs.Deployment) -> tuple[grpc.Se
     )
     credentials = grpc.ssl_server_credentials(
         [(deployment.server_key.read_bytes(), deployment.server_cert.read_bytes())],
-        root_certificates=deployment.ca_cert.read_bytes(),
+        root_certificates=deployment.client_ca_cert.read_bytes(),
         require_client_auth=True,
     )
     port = server.add_secure_port("127.0.0.1:0", credentials)
@@ -231,7 +232,7 @@ def env(
         "WORKERNATOR_HOST": fake[1],
         "WORKERNATOR_CERT": str(cert),
         "WORKERNATOR_KEY": str(key),
-        "WORKERNATOR_CA": str(pki.ca_cert),
+        "WORKERNATOR_CA": str(pki.server_ca_cert),
     }
 
 
@@ -412,7 +413,7 @@ def test_bad_limits_are_one_line_usage_errors(
     [
         ("cert", "no client certificate given: set --cert or WORKERNATOR_CERT"),
         ("key", "no client private key given: set --key or WORKERNATOR_KEY"),
-        ("ca", "no CA certificate (to verify the API server) given: set --ca or WORKERNATOR_CA"),
+        ("ca", "no server CA certificate (to verify the API server) given: set --ca"),
     ],
 )
 def test_missing_certificate_options(
@@ -468,7 +469,8 @@ def test_precedence_flag_env_config_default(tmp_path: Path, env: dict[str, str |
     # --config names another file; the default host applies when no one sets one.
     other = tmp_path / "other.toml"
     other.write_text(
-        f'[client]\ncert = "{pki}/alice.pem"\nkey = "{pki}/alice-key.pem"\nca = "{pki}/ca.pem"\n'
+        f'[client]\ncert = "{pki}/alice.pem"\nkey = "{pki}/alice-key.pem"\n'
+        f'ca = "{pki}/server-ca.pem"\n'
     )
     result = run(["jobs", "list", "--config", str(other)], base_env(tmp_path))
     assert "the API at localhost:8443" in result.stderr
@@ -495,7 +497,7 @@ def test_unreadable_or_mismatched_certificate_files(
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("hello\n")
     assert_one_line_error(
-        run(["jobs", "list", "--ca", str(garbage)], env), "garbage.pem (--ca) is not a PEM"
+        run(["jobs", "list", "--ca", str(garbage)], env), "garbage.pem (--ca): not a PEM"
     )
     assert_one_line_error(
         run(["jobs", "list", "--key", str(garbage)], env), "is not a PEM private key"
@@ -504,9 +506,74 @@ def test_unreadable_or_mismatched_certificate_files(
     assert_one_line_error(run(["jobs", "list", "--key", bob_key], env), "does not belong to")
 
 
+def test_the_cli_checks_its_own_certificate_before_connecting(
+    tmp_path: Path, env: dict[str, str | None], pki: certs.Deployment, fake: tuple[FakeService, str]
+) -> None:
+    """A wrong file is an error saying what is wrong with it, and nothing is sent (gRPC would
+    say "Failed to create security handshaker." for a CA certificate, or a handshake error)."""
+
+    def jobs_list(cert: Path, key: Path, ca: Path = pki.server_ca_cert) -> Result:
+        return run(["jobs", "list", "--cert", str(cert), "--key", str(key), "--ca", str(ca)], env)
+
+    assert_one_line_error(
+        jobs_list(pki.client_ca_cert, pki.client_ca_key),
+        f"{pki.client_ca_cert} (--cert) is a CA certificate, not a client certificate",
+    )
+    assert_one_line_error(
+        jobs_list(pki.server_cert, pki.server_key),
+        f"{pki.server_cert} (--cert) is not a client certificate",
+        "lacks clientAuth (a server certificate?)",
+    )
+    client_ca = pkitools.load_pair(pki.client_ca_cert, pki.client_ca_key)
+    expired = pkitools.issue(
+        client_ca,
+        pkitools.name("alice", "user"),
+        not_before=pkitools.NOW - 10 * pkitools.DAY,
+        not_after=pkitools.NOW - pkitools.DAY,
+    )
+    assert_one_line_error(
+        jobs_list(*pkitools.write_pair(tmp_path, "expired", expired)),
+        "the client certificate",
+        "expired.pem (--cert) expired on",
+    )
+    later = pkitools.issue(
+        client_ca, pkitools.name("alice", "user"), not_before=pkitools.NOW + pkitools.DAY
+    )
+    assert_one_line_error(
+        jobs_list(*pkitools.write_pair(tmp_path, "later", later)), "is not valid before"
+    )
+    no_role = pkitools.issue(client_ca, pkitools.name("alice"))
+    assert_one_line_error(
+        jobs_list(*pkitools.write_pair(tmp_path, "norole", no_role)),
+        "norole.pem (--cert) cannot be used: client certificate subject has no organization (O)",
+    )
+    alice_cert, alice_key = pki.users["alice"]
+    assert_one_line_error(
+        jobs_list(alice_cert, alice_key, pki.client_ca_cert),
+        f"{pki.client_ca_cert} (--ca)",
+        "is the client CA (it issues client certificates only); give the server CA",
+    )
+    assert_one_line_error(
+        jobs_list(alice_cert, alice_key, pki.server_cert),
+        f"{pki.server_cert} (--ca)",
+        "is not a CA certificate",
+    )
+    assert fake[0].requests == []
+
+
+def test_a_failed_security_handshaker_is_explained() -> None:
+    details = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:4: "
+        "Failed to create security handshaker."
+    )
+    message = cli.describe_rpc_error(grpc.StatusCode.UNAVAILABLE, details, "h:1")
+    assert message.startswith("cannot reach the API at h:1: the TLS client could not start")
+    assert "check --cert and --key" in message
+
+
 def test_server_certificate_from_another_ca(tmp_path: Path, env: dict[str, str | None]) -> None:
     other = certs.create_deployment(tmp_path / "other", ["localhost"], [])
-    result = run(["jobs", "list", "--ca", str(other.ca_cert)], env)
+    result = run(["jobs", "list", "--ca", str(other.server_ca_cert)], env)
     assert_one_line_error(result, "TLS handshake failed", "check --ca")
 
 
@@ -1029,30 +1096,73 @@ def test_limit_options_complete() -> None:
 
 def test_certs_ca_server_client(tmp_path: Path) -> None:
     d = tmp_path / "pki"
-    assert run(["certs", "ca", "--dir", str(d)]).exit_code == 0
+    for kind in ("server", "client"):
+        result = run(["certs", "ca", kind, "--dir", str(d)])
+        assert result.exit_code == 0, result.output
+        assert f"ca/{kind}-ca-key.pem (private key, mode 0600)" in result.stdout
+    assert (d / "ca").stat().st_mode & 0o777 == 0o700
+    assert certs.ca_kind(certs.load_cert(d / "server-ca.pem")) == "server"
+    assert certs.ca_kind(certs.load_cert(d / "client-ca.pem")) == "client"
     result = run(["certs", "server", "--dir", str(d), "--name", "localhost", "--name", "127.0.0.1"])
     assert result.exit_code == 0, result.output
     result = run(["certs", "client", "alice", "--role", "viewer", "--dir", str(d)])
     assert result.exit_code == 0, result.output
     assert "alice-key.pem (private key, mode 0600)" in result.stdout
-    for name in ("ca-key.pem", "server-key.pem", "alice-key.pem"):
+    for name in ("ca/server-ca-key.pem", "ca/client-ca-key.pem", "server-key.pem", "alice-key.pem"):
         assert (d / name).stat().st_mode & 0o777 == 0o600
-    assert certs.identity_from_pem((d / "alice.pem").read_bytes()) == ("alice", "viewer")
+    # Each leaf is signed by its own CA, directly.
+    server_ca, client_ca = (
+        certs.load_cert(d / "server-ca.pem"),
+        certs.load_cert(d / "client-ca.pem"),
+    )
+    certs.load_cert(d / "server.pem").verify_directly_issued_by(server_ca)
+    alice = certs.load_cert(d / "alice.pem")
+    assert certs.check_issuer(alice, [client_ca]) == client_ca
+    with pytest.raises(certs.InvalidIdentityError):
+        certs.check_issuer(alice, [server_ca])
+    assert certs.identity_from_cert(alice) == ("alice", "viewer")
     again = run(["certs", "client", "alice", "--role", "user", "--dir", str(d)])
-    assert_one_line_error(again, "alice.pem already exists; use --force")
+    assert_one_line_error(again, f"{d / 'alice.pem'} already exists; use --force")
     forced = run(["certs", "client", "alice", "--role", "user", "--dir", str(d), "--force"])
     assert forced.exit_code == 0
     assert certs.identity_from_pem((d / "alice.pem").read_bytes()) == ("alice", "user")
+    ca_again = run(["certs", "ca", "client", "--dir", str(d)])
+    assert_one_line_error(ca_again, f"{d / 'client-ca.pem'} already exists; use --force")
+    assert certs.load_cert(d / "client-ca.pem") == client_ca  # untouched
 
 
 def test_certs_errors(tmp_path: Path) -> None:
     no_ca = run(["certs", "client", "alice", "--role", "user", "--dir", str(tmp_path)])
-    assert_one_line_error(no_ca, "ca.pem does not exist", "workernator certs ca")
-    run(["certs", "ca", "--dir", str(tmp_path)])
+    assert_one_line_error(no_ca, "client-ca.pem does not exist", "workernator certs ca client")
+    no_ca = run(["certs", "server", "--name", "localhost", "--dir", str(tmp_path)])
+    assert_one_line_error(no_ca, "server-ca.pem does not exist", "workernator certs ca server")
+    run(["certs", "ca", "server", "--dir", str(tmp_path)])
+    run(["certs", "ca", "client", "--dir", str(tmp_path)])
     bad_user = run(["certs", "client", "al ice", "--role", "user", "--dir", str(tmp_path)])
     assert_one_line_error(bad_user, "contains characters that are not allowed")
     bad_name = run(["certs", "server", "--name", "-bad-", "--dir", str(tmp_path)])
     assert_one_line_error(bad_name, "invalid label")
+    # Each CA signs only its own kind: the client CA makes no server certificate, and back.
+    client_ca = ["--ca", str(tmp_path / "client-ca.pem")]
+    client_ca += ["--ca-key", str(tmp_path / "ca" / "client-ca-key.pem")]
+    server_ca = ["--ca", str(tmp_path / "server-ca.pem")]
+    server_ca += ["--ca-key", str(tmp_path / "ca" / "server-ca-key.pem")]
+    crossed = run(["certs", "server", "--name", "localhost", "--dir", str(tmp_path), *client_ca])
+    assert_one_line_error(crossed, "issues client certificates only", "with the server CA")
+    crossed = run(["certs", "client", "eve", "--role", "admin", "--dir", str(tmp_path), *server_ca])
+    assert_one_line_error(crossed, "issues server certificates only", "with the client CA")
+    assert not (tmp_path / "server.pem").exists() and not (tmp_path / "eve.pem").exists()
+
+
+def test_certs_ca_refuses_a_key_directory_open_to_others(tmp_path: Path) -> None:
+    (tmp_path / "ca").mkdir(mode=0o755)
+    (tmp_path / "ca").chmod(0o755)
+    result = run(["certs", "ca", "client", "--dir", str(tmp_path)])
+    assert_one_line_error(result, f"{tmp_path / 'ca'} is open to group or others (mode 0755)")
+    assert list(tmp_path.rglob("*.pem")) == []
+    init = run(["certs", "init", str(tmp_path)])
+    assert_one_line_error(init, "is open to group or others")
+    assert list(tmp_path.rglob("*.pem")) == []
 
 
 def test_certs_init(tmp_path: Path) -> None:
@@ -1060,11 +1170,24 @@ def test_certs_init(tmp_path: Path) -> None:
     result = run(["certs", "init", str(d), "--user", "alice:user", "--user", "root:admin"])
     assert result.exit_code == 0, result.output
     assert f"export WORKERNATOR_CERT={(d / 'alice.pem').resolve()}" in result.stdout
-    names = sorted(p.name for p in d.iterdir())
-    expected = ["ca", "server", "alice", "root"]
-    assert names == sorted([f"{n}.pem" for n in expected] + [f"{n}-key.pem" for n in expected])
+    assert f"export WORKERNATOR_CA={(d / 'server-ca.pem').resolve()}" in result.stdout
+    names = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    leaves = ["server", "alice", "root"]
+    assert names == sorted(
+        [f"{n}.pem" for n in leaves]
+        + [f"{n}-key.pem" for n in leaves]
+        + ["server-ca.pem", "client-ca.pem", "ca", "ca/server-ca-key.pem", "ca/client-ca-key.pem"]
+    )
+    assert (d / "ca").stat().st_mode & 0o777 == 0o700
     assert certs.identity_from_pem((d / "root.pem").read_bytes()) == ("root", "admin")
-    assert_one_line_error(run(["certs", "init", str(d)]), "refusing to overwrite (use --force)")
+    before = {p: p.read_bytes() for p in d.rglob("*.pem")}
+    refused = run(["certs", "init", str(d)])
+    assert_one_line_error(refused, f"{d / 'server-ca.pem'} already exists", "(use --force)")
+    assert {p: p.read_bytes() for p in d.rglob("*.pem")} == before
+    forced = run(["certs", "init", str(d), "--force", "--user", "alice:admin"])
+    assert forced.exit_code == 0, forced.output
+    assert (d / "server-ca.pem").read_bytes() != before[d / "server-ca.pem"]
+    assert certs.identity_from_pem((d / "alice.pem").read_bytes()) == ("alice", "admin")
     bad_role = run(["certs", "init", str(tmp_path / "x"), "--user", "alice:root"])
     assert bad_role.exit_code == 2
     assert "unknown role 'root'" in bad_role.stderr
