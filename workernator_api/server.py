@@ -11,28 +11,36 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
-from shared.model import JobState, JobStatus
+from shared.model import JobState, JobStatus, OutputChunk
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert
+from workernator_api import authz, certs, convert, fanout
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.limits import MAX_TRANSPORT_BYTES, ConcurrencyLimit, request_too_large
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
-from workernator_api.tls import AuthInterceptor, ServerTls, Unauthenticated
+from workernator_api.tls import (
+    MAX_VERIFIED,
+    AuthInterceptor,
+    ServerTls,
+    Unauthenticated,
+    checked_caller,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 
@@ -48,9 +56,12 @@ MAX_CONCURRENT_RPCS = 2048  # every RPC of the grpc server together (grpc enforc
 MAX_UNARY_PER_USER = 64  # unary calls of one user in flight
 MAX_RUNNER_REQUESTS = 200  # requests in flight on the shared runner connection, which the
 # runner caps at 256; further calls wait for a place, within their deadline
-MAX_TAILS_PER_USER = 32  # open TailJobOutput streams of one user
-MAX_TAILS = 120  # open streams in all. Each has a runner connection of its own and the runner
-# accepts 128 connections (the shared one included): the api refuses first, and says why
+MAX_TAILS_PER_USER = 128  # open TailJobOutput streams of one user
+MAX_TAILS = 1000  # open TailJobOutput streams in all; tails of one job share runner streams
+MAX_STREAMS_PER_USER = 32  # runner streams opened for one user's tails (one per job and
+# position followed, fanout.Hub) and their tails that do not follow or start at the last lines
+MAX_STREAMS = 120  # runner streams in all: each has a runner connection of its own and the
+# runner accepts 128 (the shared one included): the api refuses first, and says why
 
 # ListJobs paging.
 DEFAULT_PAGE_SIZE = 100
@@ -78,15 +89,26 @@ class _Denied(Exception):
 
 def identity_of(context: grpc.aio.ServicerContext[Any, Any], tls: ServerTls) -> authz.Identity:
     """The caller, from its client certificate as ``tls`` verifies it for every call: on TLS
-    1.3, issued directly by a client CA loaded now, valid now (:meth:`ServerTls.authenticate`)."""
+    1.3, issued directly by a client CA loaded now, valid now (:meth:`ServerTls.authenticate`).
+
+    :class:`AuthInterceptor` has already checked the call and left the certificate it accepted
+    (:func:`checked_caller`); the check runs here only for a call it did not see.
+    """
     try:
-        cert = tls.authenticate(context.auth_context())
-        user, role = certs.identity_from_cert(cert)
+        cert = checked_caller() or tls.authenticate(context.auth_context())
+        return _identity(cert)
     except Unauthenticated as exc:
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
     except ValueError as exc:
         message = f"unusable client certificate: {exc}"
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, message) from None
+
+
+@functools.lru_cache(maxsize=MAX_VERIFIED)
+def _identity(cert: x509.Certificate) -> authz.Identity:
+    """The identity a verified certificate carries, read once per certificate rather than once
+    per call (a failure is not remembered: it is raised again on every call)."""
+    user, role = certs.identity_from_cert(cert)
     return authz.Identity(user, authz.Role(role))
 
 
@@ -148,6 +170,12 @@ class JobService(pb_grpc.JobServiceServicer):
         self.tails = ConcurrencyLimit(
             "output streams", per_user=MAX_TAILS_PER_USER, total=MAX_TAILS
         )
+        self.streams = ConcurrencyLimit(
+            "runner streams (one per job and position followed)",
+            per_user=MAX_STREAMS_PER_USER,
+            total=MAX_STREAMS,
+        )
+        self.hub = fanout.Hub(self._follow, self.streams)
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -166,6 +194,17 @@ class JobService(pb_grpc.JobServiceServicer):
                 self._shared = client
                 await self._set_serving(True)
             return self._shared
+
+    async def _follow(
+        self, user: str, role: str, job_id: str, offset: int
+    ) -> AsyncGenerator[list[OutputChunk], None]:
+        """A runner tail of ``job_id`` from ``offset``, following it, on a connection of its
+        own: a feed that stops reading backs up only its own connection."""
+        async with RunnerClient(self.runner_socket) as runner:
+            batches = runner.tail(user, role, job_id, follow=True, offset=offset)
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    yield batch
 
     async def _set_serving(self, serving: bool) -> None:
         await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
@@ -327,8 +366,6 @@ class JobService(pb_grpc.JobServiceServicer):
             identity = identity_of(context, self.tls)
             offset, last = _tail_start(request)
             with self.tails.hold(identity.user):
-                # Authorize on the shared connection, then stream on a connection of this
-                # tail's own: when this client reads slowly, only its own connection backs up.
                 await self._unary(
                     identity,
                     lambda identity, runner: self._owned_job(
@@ -336,16 +373,30 @@ class JobService(pb_grpc.JobServiceServicer):
                     ),
                     UNARY_TIMEOUT_SECONDS,
                 )
-                async with RunnerClient(self.runner_socket) as runner:
-                    async for batch in runner.tail(
-                        identity.user,
-                        identity.role,
-                        request.job_id,
-                        follow=request.follow,
-                        offset=offset,
-                        last=last,
-                    ):
-                        yield convert.tail_response(batch)
+                if request.follow and last is None:
+                    # Shared with the other tails of this job at this position (fanout.py).
+                    shared = self.hub.tail(
+                        identity.user, identity.role, request.job_id, offset or 0
+                    )
+                    async with contextlib.aclosing(shared):
+                        async for response in shared:
+                            yield response
+                    return
+                # Not following (it ends at the current end), or from the last lines (which
+                # the runner finds): a runner stream of this tail's own.
+                with self.streams.hold(identity.user):
+                    async with RunnerClient(self.runner_socket) as runner:
+                        batches = runner.tail(
+                            identity.user,
+                            identity.role,
+                            request.job_id,
+                            follow=request.follow,
+                            offset=offset,
+                            last=last,
+                        )
+                        async with contextlib.aclosing(batches):
+                            async for batch in batches:
+                                yield convert.tail_response(batch)
         except Exception as exc:
             await _abort(context, exc)
 

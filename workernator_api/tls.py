@@ -18,6 +18,7 @@ health and reflection included.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 import threading
@@ -202,6 +203,19 @@ class ServerTls:
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Check = Callable[[_Context], Awaitable[None]]
 
+_CALLER: contextvars.ContextVar[x509.Certificate | None] = contextvars.ContextVar(
+    "workernator_caller", default=None
+)
+"""The certificate :class:`AuthInterceptor` accepted for the call running in this task: the
+handler behind it reads the caller from here instead of checking the certificate a second time.
+Each call runs in a task (and a context) of its own, so one call never sees another's."""
+
+
+def checked_caller() -> x509.Certificate | None:
+    """The client certificate :class:`AuthInterceptor` accepted for the current call, if it
+    checked this call."""
+    return _CALLER.get()
+
 
 def _guard(behavior: Callable[..., Any], check: _Check) -> Callable[..., Any]:
     """``behavior`` (an async method handler) that runs only once ``check`` passed."""
@@ -257,7 +271,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def _check(self, context: _Context) -> None:
         try:
-            self._tls.authenticate(context.auth_context())
+            _CALLER.set(self._tls.authenticate(context.auth_context()))
         except Unauthenticated as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
