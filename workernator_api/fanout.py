@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from shared.model import OutputChunk
 from workernator_api import convert
-from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api.limits import ConcurrencyLimit
 
 WINDOW_BYTES = 32 << 20
@@ -41,10 +40,10 @@ Batches = Callable[[str, str, str, int], AsyncGenerator[list[OutputChunk], None]
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One runner batch and the response made of it, built once for every tail."""
+    """One runner batch and the response made of it, serialized once for every tail."""
 
     chunks: tuple[OutputChunk, ...]
-    response: pb.TailJobOutputResponse
+    response: bytes  # a serialized TailJobOutputResponse
     size: int  # bytes of output
 
     @property
@@ -111,7 +110,7 @@ class Feed:
                         continue
                     batch = Batch(
                         tuple(chunks),
-                        convert.tail_response(chunks),
+                        convert.tail_response(chunks).SerializeToString(),
                         sum(len(c.data) for c in chunks),
                     )
                     await self._make_room(batch.size)
@@ -163,7 +162,7 @@ class Feed:
             self._task.cancel()  # nobody reads it: stop the runner stream
             self.hub._ended(self)
 
-    async def read(self, reader: _Reader) -> AsyncGenerator[pb.TailJobOutputResponse, None]:
+    async def read(self, reader: _Reader) -> AsyncGenerator[bytes, None]:
         """The responses for ``reader`` from its batch on; :class:`Behind` when it fell behind."""
         while True:
             if reader.behind:
@@ -175,7 +174,7 @@ class Feed:
                 self._moved.fire()
                 if reader.skip:
                     chunks, reader.skip = batch.chunks[reader.skip :], 0
-                    yield convert.tail_response(chunks)
+                    yield convert.tail_response(chunks).SerializeToString()
                 else:
                     yield batch.response
             elif self.done:
@@ -230,7 +229,7 @@ class Hub:
 
     async def tail(
         self, user: str, role: str, job_id: str, offset: int
-    ) -> AsyncGenerator[pb.TailJobOutputResponse, None]:
+    ) -> AsyncGenerator[bytes, None]:
         """The job's output from ``offset``, following it, through feeds shared with other
         tails; the runner's errors (a bad offset, the runner gone) come out as they are."""
         while True:

@@ -43,6 +43,7 @@ from workernator_api.tls import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+TAIL_METHOD = f"/{SERVICE_NAME}/TailJobOutput"
 
 # Deadlines of unary calls, connecting to the runner included. Stop waits for the runner to
 # stop the job: up to its stop_grace_seconds (at most 3600, a runner setting the api cannot
@@ -155,6 +156,33 @@ class HealthServicer(health.aio.HealthServicer):
         }
         # The type stubs of grpcio-health-checking do not know List's messages yet.
         return health_pb2.HealthListResponse(statuses=statuses)  # type: ignore[attr-defined]
+
+
+class SerializedTails(grpc.aio.ServerInterceptor):
+    """Lets ``TailJobOutput`` yield responses already serialized (bytes): the fan-out
+    serializes each batch once for every tail reading it, not once per tail."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None or details.method != TAIL_METHOD or handler.unary_stream is None:
+            return handler
+        serialize = handler.response_serializer
+        assert serialize is not None
+
+        def serialized(response: pb.TailJobOutputResponse | bytes) -> bytes:
+            return response if isinstance(response, bytes) else serialize(response)
+
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=serialized,
+        )
 
 
 class JobService(pb_grpc.JobServiceServicer):
@@ -360,7 +388,8 @@ class JobService(pb_grpc.JobServiceServicer):
 
     async def TailJobOutput(
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.TailJobOutputResponse]:
+    ) -> AsyncIterator[pb.TailJobOutputResponse | bytes]:
+        """The job's output; responses may come serialized already (:class:`SerializedTails`)."""
         try:
             _check_size(request)
             identity = identity_of(context, self.tls)
@@ -490,7 +519,8 @@ class ApiServer:
         self.health = HealthServicer()
         self.service = JobService(cfg.runner_socket, self.health, self.tls)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.tls)],  # every service: health, reflection too
+            # Every call of every service (health, reflection too) is authenticated first.
+            interceptors=[AuthInterceptor(self.tls), SerializedTails()],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
