@@ -308,7 +308,7 @@ async def big_job(s: Stack) -> tuple[str, bytes]:
             job = (await stub.GetJobStatus(pb.GetJobStatusRequest(job_id=job.id))).job
     lines = RECORD_BYTES // len(LINE)
     record = LINE * lines
-    count = JOB_BYTES // len(record)
+    count = max(1, JOB_BYTES // len(record))
     with (s.state / "jobs" / job.id / "output").open("ab") as f:
         for _ in range(count):
             f.write(store.encode_record(time.time_ns(), Stream.STDOUT, record))
@@ -459,7 +459,11 @@ async def main() -> None:
                         "alone on CPU 1")  # fmt: skip
     parser.add_argument("--clients", type=int, default=4, help="client processes of the "
                         "fan-out (default 4)")  # fmt: skip
+    parser.add_argument("--megabytes", type=float, default=20, help="output of the tailed job "
+                        "(default 20)")  # fmt: skip
     args = parser.parse_args()
+    global JOB_BYTES  # noqa: PLW0603 - one setting for the whole run
+    JOB_BYTES = int(args.megabytes * 1e6)
     if os.geteuid() != 0:
         sys.exit("api_bench.py runs a real runner: run it as root")
     if shutil.which("bwrap") is None and args.target in ("start", "all"):

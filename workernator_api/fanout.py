@@ -34,6 +34,12 @@ MAX_WINDOW_BYTES = 4 << 20
 MIN_WINDOW_BYTES = 256 << 10
 """The least one feed keeps, however many feeds are open: one batch."""
 
+QUIET_SECONDS = 0.01
+"""Tails hold back their next batch until no tail call has arrived for this long..."""
+MAX_PAUSE_SECONDS = 0.25
+"""... for at most this long in a burst of arrivals: a steady stream of new tails slows the
+others' output, never stops it."""
+
 Batches = Callable[[str, str, str, int], AsyncGenerator[list[OutputChunk], None]]
 """Opens a runner tail: (user, role, job id, offset) -> batches of chunks, following the job."""
 
@@ -169,11 +175,21 @@ class Feed:
                 raise Behind()
             if reader.next < self.end:
                 batch = self._batches[reader.next - self._first]
+                chunks = batch.chunks[reader.skip :]
+                if reader.fresh and len(chunks) > 1:
+                    # A new tail gets one chunk first: its first byte goes out sooner, and
+                    # the event loop takes in the next call sooner (see Hub._calm).
+                    reader.fresh = False
+                    reader.skip += 1
+                    reader.offset = chunks[0].next_offset
+                    yield convert.tail_response(chunks[:1]).SerializeToString()
+                    continue
+                reader.fresh = False
                 reader.next += 1
                 reader.offset = batch.next_offset
                 self._moved.fire()
                 if reader.skip:
-                    chunks, reader.skip = batch.chunks[reader.skip :], 0
+                    reader.skip = 0
                     yield convert.tail_response(chunks).SerializeToString()
                 else:
                     yield batch.response
@@ -203,8 +219,9 @@ class _Signal:
 class _Reader:
     next: int  # number of the batch it reads next
     offset: int  # where its output goes on: the next_offset of the last batch it got
-    skip: int = 0  # chunks of its first batch it did not ask for
+    skip: int = 0  # chunks of its next batch it did not ask for or already got
     behind: bool = False
+    fresh: bool = True  # it has not been sent anything yet
 
 
 class Hub:
@@ -218,6 +235,8 @@ class Hub:
         self._open_tail = open_tail
         self.streams = streams
         self._feeds: dict[str, list[Feed]] = {}
+        self._last_arrival = -1.0
+        self._pause_ends = 0.0
 
     @property
     def feeds(self) -> int:
@@ -232,18 +251,44 @@ class Hub:
     ) -> AsyncGenerator[bytes, None]:
         """The job's output from ``offset``, following it, through feeds shared with other
         tails; the runner's errors (a bad offset, the runner gone) come out as they are."""
+        first = True
         while True:
             feed, reader = self._join(user, role, job_id, offset)
             responses = feed.read(reader)
             try:
                 async with contextlib.aclosing(responses):
                     async for response in responses:
+                        if first:
+                            first = False
+                        else:
+                            await self._calm()
                         yield response
                 return
             except Behind:
                 offset = reader.offset  # go on from there, on another feed
             finally:
                 feed._drop(reader)
+
+    def arrived(self) -> None:
+        """A tail call came in (before it is authorized): see :meth:`_calm`."""
+        now = asyncio.get_running_loop().time()
+        if now > self._last_arrival + QUIET_SECONDS:  # the first of a burst
+            self._pause_ends = now + MAX_PAUSE_SECONDS
+        self._last_arrival = now
+
+    async def _calm(self) -> None:
+        """Wait while tail calls keep arriving, for up to MAX_PAUSE_SECONDS a burst.
+
+        grpc's asyncio server takes in one new call per turn of the event loop, and a turn in
+        which 100 tails each write 256 KiB takes many milliseconds: 100 tails arriving at once
+        waited seconds for their first byte. Holding back every tail's next batch (not the first)
+        while calls arrive keeps the turns short until they are all in.
+        """
+        loop = asyncio.get_running_loop()
+        while (wait := self._last_arrival + QUIET_SECONDS - loop.time()) > 0:
+            if loop.time() >= self._pause_ends:
+                return
+            await asyncio.sleep(wait)
 
     def _join(self, user: str, role: str, job_id: str, offset: int) -> tuple[Feed, _Reader]:
         for feed in self._feeds.get(job_id, ()):

@@ -390,6 +390,7 @@ class JobService(pb_grpc.JobServiceServicer):
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.TailJobOutputResponse | bytes]:
         """The job's output; responses may come serialized already (:class:`SerializedTails`)."""
+        self.hub.arrived()
         try:
             _check_size(request)
             identity = identity_of(context, self.tls)
