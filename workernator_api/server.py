@@ -28,7 +28,7 @@ from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
 from shared.model import JobState, JobStatus, OutputChunk
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert, fanout
+from workernator_api import authz, certs, convert, fanout, memory
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -204,6 +204,7 @@ class JobService(pb_grpc.JobServiceServicer):
             total=MAX_STREAMS,
         )
         self.hub = fanout.Hub(self._follow, self.streams)
+        self.trimmer = memory.Trimmer()  # memory back to the system after bursts of output
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -388,7 +389,7 @@ class JobService(pb_grpc.JobServiceServicer):
 
     async def TailJobOutput(
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.TailJobOutputResponse | bytes]:
+    ) -> AsyncIterator[bytes]:
         """The job's output; responses may come serialized already (:class:`SerializedTails`)."""
         self.hub.arrived()
         try:
@@ -403,32 +404,48 @@ class JobService(pb_grpc.JobServiceServicer):
                     ),
                     UNARY_TIMEOUT_SECONDS,
                 )
-                if request.follow and last is None:
-                    # Shared with the other tails of this job at this position (fanout.py).
-                    shared = self.hub.tail(
-                        identity.user, identity.role, request.job_id, offset or 0
-                    )
-                    async with contextlib.aclosing(shared):
-                        async for response in shared:
+                self.trimmer.opened()
+                try:
+                    responses = self._tail(identity, request, offset, last)
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            self.trimmer.sent += len(response)
                             yield response
-                    return
-                # Not following (it ends at the current end), or from the last lines (which
-                # the runner finds): a runner stream of this tail's own.
-                with self.streams.hold(identity.user):
-                    async with RunnerClient(self.runner_socket) as runner:
-                        batches = runner.tail(
-                            identity.user,
-                            identity.role,
-                            request.job_id,
-                            follow=request.follow,
-                            offset=offset,
-                            last=last,
-                        )
-                        async with contextlib.aclosing(batches):
-                            async for batch in batches:
-                                yield convert.tail_response(batch)
+                finally:
+                    self.trimmer.closed()
         except Exception as exc:
             await _abort(context, exc)
+
+    async def _tail(
+        self,
+        identity: authz.Identity,
+        request: pb.TailJobOutputRequest,
+        offset: int | None,
+        last: int | None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The serialized responses of an authorized tail."""
+        if request.follow and last is None:
+            # Shared with the other tails of this job at this position (fanout.py).
+            shared = self.hub.tail(identity.user, identity.role, request.job_id, offset or 0)
+            async with contextlib.aclosing(shared):
+                async for response in shared:
+                    yield response
+            return
+        # Not following (it ends at the current end), or from the last lines (which the
+        # runner finds): a runner stream of this tail's own.
+        with self.streams.hold(identity.user):
+            async with RunnerClient(self.runner_socket) as runner:
+                batches = runner.tail(
+                    identity.user,
+                    identity.role,
+                    request.job_id,
+                    follow=request.follow,
+                    offset=offset,
+                    last=last,
+                )
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        yield convert.tail_response(batch).SerializeToString()
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
