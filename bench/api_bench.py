@@ -46,9 +46,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import Stream
 from tests.conftest import Daemon, short_tmpdir, write_runner_config
-from tests.e2e.conftest import API_USER, _can_run_as, _free_port, make_certs, stop_api
+from tests.e2e.conftest import (
+    API_USER,
+    _can_run_as,
+    _free_port,
+    make_certs,
+    stop_api,
+    write_api_config,
+)
 from tests.e2e.conftest import start_api as launch_api
-from tests.e2e.conftest import write_api_config
 from tests.nethosts import JOB_USER, ensure_job_user
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -211,8 +217,15 @@ async def bench_start(s: Stack, rounds: int) -> dict[str, float]:
 # --- GetJobStatus against Health/Check --------------------------------------------------------
 
 
-def _rate_client(address: str, creds: tuple[bytes, bytes, bytes], job_id: str, kind: str,
-                 callers: int, seconds: float, cpus: list[int] | None) -> int:  # fmt: skip
+def _rate_client(
+    address: str,
+    creds: tuple[bytes, bytes, bytes],
+    job_id: str,
+    kind: str,
+    callers: int,
+    seconds: float,
+    cpus: list[int] | None,
+) -> int:
     """In a client process of its own: calls completed by ``callers`` loops in ``seconds``."""
     if cpus:
         os.sched_setaffinity(0, set(cpus))
@@ -280,14 +293,22 @@ async def bench_status(s: Stack, rounds: int, pinned: bool) -> dict[str, float]:
             pin(s.api.pid, {0, 1})
             pin_tree(s.runner.pid, {0, 1})
         ratio = p50(status) / p50(health)
-        print(f"\n{CALLERS} concurrent callers, {name}, {rounds} rounds of {SECONDS:g} s, "
-              f"load {load()}")  # fmt: skip
-        print(f"  GetJobStatus  {p50(status):7.0f} calls/s   (rounds: "
-              f"{', '.join(f'{r:.0f}' for r in status)})")  # fmt: skip
-        print(f"  Health/Check  {p50(health):7.0f} calls/s   (rounds: "
-              f"{', '.join(f'{r:.0f}' for r in health)})")  # fmt: skip
-        print(f"  GetJobStatus / Health = {ratio:.2f}x (target >= 0.8x: "
-              f"{'MET' if ratio >= 0.8 else 'NOT MET'})")  # fmt: skip
+        print(
+            f"\n{CALLERS} concurrent callers, {name}, {rounds} rounds of {SECONDS:g} s, "
+            f"load {load()}"
+        )
+        print(
+            f"  GetJobStatus  {p50(status):7.0f} calls/s   (rounds: "
+            f"{', '.join(f'{r:.0f}' for r in status)})"
+        )
+        print(
+            f"  Health/Check  {p50(health):7.0f} calls/s   (rounds: "
+            f"{', '.join(f'{r:.0f}' for r in health)})"
+        )
+        print(
+            f"  GetJobStatus / Health = {ratio:.2f}x (target >= 0.8x: "
+            f"{'MET' if ratio >= 0.8 else 'NOT MET'})"
+        )
         if cpus:
             print(f"  GetJobStatus >= 5000 calls/s: {'MET' if p50(status) >= 5000 else 'NOT MET'}")
         key = "pinned" if cpus else "shared"
@@ -353,16 +374,19 @@ async def bench_tail(s: Stack, rounds: int, job_id: str, expected: bytes) -> dic
                 if n:  # the first round warms up
                     (ours if which == "api" else theirs).append(rate)
     ratio = p50(ours) / p50(theirs)
-    print(f"\none tail of a {JOB_BYTES / 1e6:g} MB job ({lines} lines), {rounds} alternated "
-          f"rounds, load {load()}")  # fmt: skip
+    print(
+        f"\none tail of a {JOB_BYTES / 1e6:g} MB job ({lines} lines), {rounds} alternated "
+        f"rounds, load {load()}"
+    )
     print(f"  through the api   {p50(ours) / 1e6:6.2f} M lines/s")
     print(f"  runner socket     {p50(theirs) / 1e6:6.2f} M lines/s")
     print(f"  api / runner = {ratio:.2f}x (target >= 0.9x: {'MET' if ratio >= 0.9 else 'NOT MET'})")
     return {"api_lines_s": p50(ours), "runner_lines_s": p50(theirs), "ratio": ratio}
 
 
-def _tail_client(address: str, creds: tuple[bytes, bytes, bytes], job_id: str, tails: int,
-                 start_at: float) -> list[tuple[float, str]]:  # fmt: skip
+def _tail_client(
+    address: str, creds: tuple[bytes, bytes, bytes], job_id: str, tails: int, start_at: float
+) -> list[tuple[float, str]]:
     """In a client process of its own: ``tails`` concurrent tails from ``start_at`` (wall
     clock), each as (ms to its first byte, sha256 of all it got)."""
 
@@ -438,29 +462,39 @@ async def bench_fanout(s: Stack, job_id: str, expected: bytes, processes: int) -
         if after["api"] - idle_api <= 32 and after["runner"] - idle_runner <= 32:
             break
         await asyncio.sleep(0.2)
-    print(f"\n{TAILS} concurrent tails of the {JOB_BYTES / 1e6:g} MB job from {processes} client "
-          f"processes, load {load()}")  # fmt: skip
-    print(f"  first byte p50 {p50(firsts):6.1f} ms, max {max(firsts):6.1f} ms "
-          f"(target p50 <= 50 ms: {'MET' if p50(firsts) <= 50 else 'NOT MET'})")  # fmt: skip
+    print(
+        f"\n{TAILS} concurrent tails of the {JOB_BYTES / 1e6:g} MB job from {processes} client "
+        f"processes, load {load()}"
+    )
+    print(
+        f"  first byte p50 {p50(firsts):6.1f} ms, max {max(firsts):6.1f} ms "
+        f"(target p50 <= 50 ms: {'MET' if p50(firsts) <= 50 else 'NOT MET'})"
+    )
     print(f"  all {TAILS} identical and complete: {identical}; all done in {total:.2f} s")
     for name, idle in (("api", idle_api), ("runner", idle_runner)):
         back = after[name] - idle <= 32
-        print(f"  {name:<7} RSS idle {idle:6.1f} MB, peak {peak[name]:6.1f} MB, after "
-              f"{after[name]:6.1f} MB (within 32 MB of idle: {'MET' if back else 'NOT MET'})")  # fmt: skip
+        print(
+            f"  {name:<7} RSS idle {idle:6.1f} MB, peak {peak[name]:6.1f} MB, after "
+            f"{after[name]:6.1f} MB (within 32 MB of idle: {'MET' if back else 'NOT MET'})"
+        )
     return {"first_byte_ms": p50(firsts), "identical": float(identical)}
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", nargs="?", default="all",
-                        choices=["start", "status", "tail", "fanout", "all"])  # fmt: skip
+    parser.add_argument(
+        "target", nargs="?", default="all", choices=["start", "status", "tail", "fanout", "all"]
+    )
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default per target)")
-    parser.add_argument("--pin", action="store_true", help="also measure status with the api "
-                        "alone on CPU 1")  # fmt: skip
-    parser.add_argument("--clients", type=int, default=4, help="client processes of the "
-                        "fan-out (default 4)")  # fmt: skip
-    parser.add_argument("--megabytes", type=float, default=20, help="output of the tailed job "
-                        "(default 20)")  # fmt: skip
+    parser.add_argument(
+        "--pin", action="store_true", help="also measure status with the api alone on CPU 1"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=4, help="client processes of the fan-out (default 4)"
+    )
+    parser.add_argument(
+        "--megabytes", type=float, default=20, help="output of the tailed job (default 20)"
+    )
     args = parser.parse_args()
     global JOB_BYTES  # noqa: PLW0603 - one setting for the whole run
     JOB_BYTES = int(args.megabytes * 1e6)

@@ -27,13 +27,16 @@ from shared.model import OutputChunk
 from workernator_api import convert
 from workernator_api.limits import ConcurrencyLimit
 
-WINDOW_BYTES = 32 << 20
+WINDOW_BYTES = 16 << 20
 """Output all feeds together keep for their tails (the api's part of a tail's memory)."""
-MAX_WINDOW_BYTES = 4 << 20
+MAX_WINDOW_BYTES = 2 << 20
 """The most one feed keeps: 16 batches of 256 KiB, room for tails a little apart."""
 MIN_WINDOW_BYTES = 256 << 10
 """The least one feed keeps, however many feeds are open: one batch."""
 
+SENDING = 16
+"""Responses (after each tail's first) grpc may be sending at once, all tails together: what
+grpc buffers for tails is bounded by this, not by the number of tails."""
 QUIET_SECONDS = 0.01
 """Tails hold back their next batch until no tail call has arrived for this long..."""
 MAX_PAUSE_SECONDS = 0.25
@@ -235,6 +238,7 @@ class Hub:
         self._open_tail = open_tail
         self.streams = streams
         self._feeds: dict[str, list[Feed]] = {}
+        self._sending = asyncio.Semaphore(SENDING)
         self._last_arrival = -1.0
         self._pause_ends = 0.0
 
@@ -260,9 +264,11 @@ class Hub:
                     async for response in responses:
                         if first:
                             first = False
-                        else:
-                            await self._calm()
-                        yield response
+                            yield response
+                            continue
+                        await self._calm()
+                        async with self._sending:  # until grpc asks for the next one
+                            yield response
                 return
             except Behind:
                 offset = reader.offset  # go on from there, on another feed
