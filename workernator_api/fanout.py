@@ -34,9 +34,10 @@ MAX_WINDOW_BYTES = 2 << 20
 MIN_WINDOW_BYTES = 256 << 10
 """The least one feed keeps, however many feeds are open: one batch."""
 
-SENDING = 16
-"""Responses (after each tail's first) grpc may be sending at once, all tails together: what
-grpc buffers for tails is bounded by this, not by the number of tails."""
+LAG_SECONDS = 0.5
+"""How long tails waiting for output wait for one a whole window behind before it must go on
+without them: a client that falls behind for a moment (a busy machine) stays on the shared
+stream, a stalled one costs the others this once."""
 QUIET_SECONDS = 0.01
 """Tails hold back their next batch until no tail call has arrived for this long..."""
 MAX_PAUSE_SECONDS = 0.25
@@ -130,21 +131,34 @@ class Feed:
             self.error = exc
 
     async def _make_room(self, size: int) -> None:
-        """Drop batches no reader needs until ``size`` more fits the window; a reader a whole
-        window behind a reader that waits for more is told to go on alone."""
+        """Drop batches no reader needs until ``size`` more fits the window. A reader still on
+        the oldest batch while another waits for more is a whole window behind: after
+        :data:`LAG_SECONDS` of that it is told to go on alone."""
+        loop = asyncio.get_running_loop()
+        lagging_since: float | None = None
         while self._batches and self._bytes + size > self.hub.window():
             holding = [r for r in self._readers if r.next == self._first]
             if not holding:
                 oldest = self._batches.popleft()
                 self._first += 1
                 self._bytes -= oldest.size
+                lagging_since = None
                 continue
-            if any(r.next >= self.end for r in self._readers):
+            if not any(r.next >= self.end for r in self._readers):
+                lagging_since = None  # nobody waits: everyone is busy sending
+                await self._moved.wait()
+                continue
+            now = loop.time()
+            if lagging_since is None:
+                lagging_since = now
+            if now - lagging_since >= LAG_SECONDS:
                 for reader in holding:  # it sees it when it asks for its next batch
                     self._drop(reader)
                     reader.behind = True
                 continue
-            await self._moved.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(lagging_since + LAG_SECONDS - now):
+                    await self._moved.wait()
 
     def locate(self, offset: int) -> tuple[int, int] | None:
         """(batch number, index of the chunk starting at ``offset`` in it) if this feed can
@@ -238,7 +252,6 @@ class Hub:
         self._open_tail = open_tail
         self.streams = streams
         self._feeds: dict[str, list[Feed]] = {}
-        self._sending = asyncio.Semaphore(SENDING)
         self._last_arrival = -1.0
         self._pause_ends = 0.0
 
@@ -267,8 +280,7 @@ class Hub:
                             yield response
                             continue
                         await self._calm()
-                        async with self._sending:  # until grpc asks for the next one
-                            yield response
+                        yield response
                 return
             except Behind:
                 offset = reader.offset  # go on from there, on another feed

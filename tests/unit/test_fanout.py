@@ -73,10 +73,11 @@ async def collect(responses: AsyncGenerator[bytes, None]) -> tuple[bytes, list[i
 
 @pytest.fixture(autouse=True)
 def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Windows of 3 batches; no pause for arrivals."""
+    """Windows of 3 batches; no pause for arrivals; a short lag allowed."""
     monkeypatch.setattr(fanout, "MIN_WINDOW_BYTES", 3 * PER_BATCH * CHUNK)
     monkeypatch.setattr(fanout, "MAX_WINDOW_BYTES", 3 * PER_BATCH * CHUNK)
     monkeypatch.setattr(fanout, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(fanout, "LAG_SECONDS", 0.05)
 
 
 async def test_tails_at_one_position_share_one_runner_stream_and_get_the_same_output() -> None:
