@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,12 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.conftest import start_api as launch_api
 from tests.nethosts import JOB_USER, ensure_job_user
+from workernator_api import certs, server
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
+from workernator_api.config import ApiConfig
 from workernator_api.runner_client import RunnerClient
+from workernator_api.tls import ServerTls
 from workernator_runner import store
 from workernator_runner.config import RunnerConfig
 
@@ -480,10 +483,60 @@ async def bench_fanout(s: Stack, job_id: str, expected: bytes, processes: int) -
     return {"first_byte_ms": p50(firsts), "identical": float(identical)}
 
 
+def per_call_us(action: Callable[[], object], calls: int = 5000) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        action()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+async def bench_costs(s: Stack) -> None:
+    """What the parts of a GetJobStatus cost the api, measured in this process."""
+    cfg = ApiConfig(
+        cert=s.certs / "server.pem",
+        key=s.certs / "server-key.pem",
+        client_ca=s.certs / "client-ca.pem",
+    )
+    server_tls = ServerTls(cfg)
+    auth = {
+        "ssl_tls_version": [b"TLSv1.3"],
+        "x509_pem_cert": [(s.certs / "admin.pem").read_bytes()],
+    }
+    cert = server_tls.authenticate(auth)
+    async with RunnerClient(s.runner_socket, max_in_flight=200) as runner:
+        job = await runner.start("admin", "admin", "noop", {})
+        job = await runner.status("admin", "admin", job.id)
+        rounds = []
+        for _ in range(2000):
+            t0 = time.perf_counter()
+            await runner.status("admin", "admin", job.id)
+            rounds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(40):
+            await asyncio.gather(*(runner.status("admin", "admin", job.id) for _ in range(50)))
+        concurrent = (time.perf_counter() - t0) / 2000
+    costs = {
+        "certificate check (interceptor)": per_call_us(lambda: server_tls.authenticate(auth)),
+        "identity from the certificate (cached)": per_call_us(lambda: server._identity(cert)),
+        "identity, parsed (before: every call)": per_call_us(
+            lambda: certs.identity_from_cert(cert)
+        ),
+        "runner status -> protobuf (convert)": per_call_us(lambda: server._status(job)),
+        "runner round trip, one at a time (p50)": p50(rounds) * 1e6,
+        "runner round trip, 50 at a time (per call)": concurrent * 1e6,
+    }
+    print(f"\nwhat a GetJobStatus costs beyond a Health/Check, per call, load {load()}")
+    for name, value in costs.items():
+        print(f"  {name:<44} {value:8.1f} us")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "target", nargs="?", default="all", choices=["start", "status", "tail", "fanout", "all"]
+        "target",
+        nargs="?",
+        default="all",
+        choices=["start", "status", "costs", "tail", "fanout", "all"],
     )
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default per target)")
     parser.add_argument(
@@ -508,6 +561,8 @@ async def main() -> None:
             await bench_start(s, args.rounds or 100)
         if args.target in ("status", "all"):
             await bench_status(s, args.rounds or 3, args.pin)
+        if args.target in ("costs", "all"):
+            await bench_costs(s)
         if args.target in ("tail", "fanout", "all"):
             job_id, expected = await big_job(s)
             if args.target in ("tail", "all"):

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import functools
 import re
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -105,12 +104,22 @@ def identity_of(context: grpc.aio.ServicerContext[Any, Any], tls: ServerTls) -> 
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, message) from None
 
 
-@functools.lru_cache(maxsize=MAX_VERIFIED)
+_IDENTITIES: dict[int, tuple[x509.Certificate, authz.Identity]] = {}
+
+
 def _identity(cert: x509.Certificate) -> authz.Identity:
-    """The identity a verified certificate carries, read once per certificate rather than once
-    per call (a failure is not remembered: it is raised again on every call)."""
+    """The identity a verified certificate carries, read once per certificate object (the
+    one :class:`ServerTls` remembers) rather than once per call; a failure is raised again on
+    every call. Keyed by identity: hashing a certificate costs as much as reading it."""
+    found = _IDENTITIES.get(id(cert))
+    if found is not None and found[0] is cert:
+        return found[1]
     user, role = certs.identity_from_cert(cert)
-    return authz.Identity(user, authz.Role(role))
+    identity = authz.Identity(user, authz.Role(role))
+    if len(_IDENTITIES) >= MAX_VERIFIED:
+        _IDENTITIES.clear()
+    _IDENTITIES[id(cert)] = (cert, identity)  # the entry keeps the object, and so its id
+    return identity
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

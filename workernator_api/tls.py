@@ -22,6 +22,7 @@ import contextvars
 import inspect
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,24 @@ class Material:
     client_cas: tuple[x509.Certificate, ...]
     source: tuple[bytes, bytes, bytes]
     """The bytes of the cert, key and client_ca files, to tell a real change from a touch."""
-    verified: dict[bytes, x509.Certificate] = field(default_factory=dict, compare=False)
+    verified: dict[bytes, Verified] = field(default_factory=dict, compare=False)
     """Client certificates (PEM) already found issued by one of ``client_cas``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A client certificate found issued by a client CA, and its validity period as POSIX
+    times: comparing two floats per call instead of building two datetimes."""
+
+    cert: x509.Certificate
+    not_before: float
+    not_after: float
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> Verified:
+        return cls(
+            cert, cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        )
 
 
 def _read(path: Path, setting: str) -> bytes:
@@ -184,18 +201,19 @@ class ServerTls:
         if not pems:
             raise Unauthenticated("a client certificate is required")
         material = self.current()
-        cert = material.verified.get(pems[0])
+        verified = material.verified.get(pems[0])
         try:
-            if cert is None:
+            if verified is None:
                 cert = x509.load_pem_x509_certificate(pems[0])
                 certs.check_issuer(cert, material.client_cas)
                 if len(material.verified) >= MAX_VERIFIED:
                     material.verified.clear()
-                material.verified[pems[0]] = cert
-            certs.check_validity(cert, "client certificate")
+                verified = material.verified[pems[0]] = Verified.of(cert)
+            if not verified.not_before <= time.time() <= verified.not_after:
+                certs.check_validity(verified.cert, "client certificate")  # says how
         except ValueError as exc:
             raise Unauthenticated(f"unusable client certificate: {exc}") from None
-        return cert
+        return verified.cert
 
 
 # --- applying the check to every call -----------------------------------------------------------
