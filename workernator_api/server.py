@@ -61,7 +61,7 @@ MAX_TAILS = 1000  # open TailJobOutput streams in all; tails of one job share ru
 MAX_STREAMS_PER_USER = 32  # runner streams opened for one user's tails (one per job and
 # position followed, fanout.Hub) and their tails that do not follow or start at the last lines
 MAX_STREAMS = 120  # runner streams in all: each has a runner connection of its own and the
-# runner accepts 128 (the shared one included): the api refuses first, and says why
+# runner accepts 128 (the shared one and a spare included): the api refuses first, says why
 
 # ListJobs paging.
 DEFAULT_PAGE_SIZE = 100
@@ -202,6 +202,8 @@ class JobService(pb_grpc.JobServiceServicer):
         self.health = health_servicer
         self.tls = tls
         self._shared: RunnerClient | None = None
+        self._spare: RunnerClient | None = None  # connected ahead for the next stream
+        self._refill: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self.unary_calls = ConcurrencyLimit("requests", per_user=MAX_UNARY_PER_USER)
         self.tails = ConcurrencyLimit(
@@ -238,7 +240,7 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> AsyncGenerator[list[OutputChunk], None]:
         """A runner tail of ``job_id`` from ``offset``, following it, on a connection of its
         own: a feed that stops reading backs up only its own connection."""
-        async with RunnerClient(self.runner_socket) as runner:
+        async with self._stream_connection() as runner:
             batches = runner.tail(user, role, job_id, follow=True, offset=offset)
             async with contextlib.aclosing(batches):
                 async for batch in batches:
@@ -247,9 +249,45 @@ class JobService(pb_grpc.JobServiceServicer):
     async def _set_serving(self, serving: bool) -> None:
         await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 
+    @contextlib.asynccontextmanager
+    async def _stream_connection(self) -> AsyncIterator[RunnerClient]:
+        """A runner connection for one stream, closed after it: the spare one connected
+        beforehand when there is one (a tail does not wait for a connect and a hello
+        exchange), and another spare is made meanwhile."""
+        spare, self._spare = self._spare, None
+        if spare is None or not spare.connected:
+            if spare is not None:
+                await spare.close()
+            spare = RunnerClient(self.runner_socket)
+            await spare.connect()
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.create_task(self._make_spare())
+        try:
+            yield spare
+        finally:
+            await spare.close()
+
+    async def _make_spare(self) -> None:
+        if self._spare is not None:
+            return
+        client = RunnerClient(self.runner_socket)
+        try:
+            await client.connect()
+        except RunnerUnavailable:
+            return  # the next stream connects itself, and reports why it cannot
+        if self._spare is None:
+            self._spare = client
+        else:
+            await client.close()
+
     async def close(self) -> None:
-        if self._shared is not None:
-            await self._shared.close()
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        for client in (self._shared, self._spare):
+            if client is not None:
+                await client.close()
 
     async def _unary(
         self,
@@ -443,7 +481,7 @@ class JobService(pb_grpc.JobServiceServicer):
         # Not following (it ends at the current end), or from the last lines (which the
         # runner finds): a runner stream of this tail's own.
         with self.streams.hold(identity.user):
-            async with RunnerClient(self.runner_socket) as runner:
+            async with self._stream_connection() as runner:
                 batches = runner.tail(
                     identity.user,
                     identity.role,
