@@ -105,9 +105,11 @@ async def test_100_concurrent_tails_get_identical_complete_output_in_bounded_mem
         await watcher
 
     assert all(output == expected for output in outputs)
-    # 1.6 GB sent. Before the fan-out, 100 tails of a 20 MB job grew the api by 230 MiB, and it
-    # stayed there (bench/api_bench.py); now the growth does not depend on the output's size.
-    assert peak - idle < 128, f"the api grew from {idle:.0f} to {peak:.0f} MiB"
+    # 1.6 GB sent, and the api holds none of it for long: what it grows by is grpc's buffers for
+    # 100 streams (up to the flow-control windows the client grants), 30-135 MiB in 40 runs on
+    # a loaded 2-core machine, whatever the output's size. Before the fan-out, 100 tails of a
+    # 20 MB job grew it by 230 MiB, and it stayed there (bench/api_bench.py).
+    assert peak - idle < 192, f"the api grew from {idle:.0f} to {peak:.0f} MiB"
     after = await settled_rss(stack.api.pid, near=idle)
     assert after - idle <= 32, (
         f"the api stayed at {after:.0f} MiB after the tails (idle {idle:.0f})"
