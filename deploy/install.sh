@@ -90,11 +90,20 @@ elif [[ $(version_of "$VENV/bin/python") != "$(version_of "$PYTHON")" ]]; then
     say "remaking the virtualenv at $VENV for $PYTHON $(version_of "$PYTHON")"
     "$PYTHON" -m venv --clear "$VENV"
 fi
-say "installing $(basename "$WHEEL") into $VENV (offline, from $WHEELS)"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
-"${PIP[@]}" install --no-index --find-links "$WHEELS" --no-warn-script-location "$WHEEL"
-# The same version rebuilt from a changed checkout is new code too: always put this wheel in.
-"${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+# The wheel's digest, kept in the venv: the same version rebuilt from a changed checkout is new
+# code too, and the very same wheel needs no pip at all.
+STAMP=$VENV/.workernator-wheel
+DIGEST="$(sha256sum <"$WHEEL" | cut -d' ' -f1) $(basename "$WHEEL")"
+if [[ -f $STAMP && $(<"$STAMP") == "$DIGEST" ]]; then
+    say "$(basename "$WHEEL") is already installed in $VENV"
+else
+    say "installing $(basename "$WHEEL") into $VENV (offline, from $WHEELS)"
+    rm -f "$STAMP"
+    PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
+    "${PIP[@]}" install --no-index --find-links "$WHEELS" --no-warn-script-location "$WHEEL"
+    "${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+    echo "$DIGEST" >"$STAMP"
+fi
 for command in workernator workernator-api workernator-runner; do
     "$VENV/bin/$command" --help >/dev/null || die "$VENV/bin/$command does not run"
 done
