@@ -175,13 +175,13 @@ def check_installed(tree: Tree, deploy: Path) -> None:
     assert "usage: workernator-runner" in tree.venv("workernator-runner", "--help")
     assert "usage: workernator-api" in tree.venv("workernator-api", "--help")
     assert "home = /usr/bin\n" in tree.path(PREFIX + "/pyvenv.cfg").read_text()
-    # Readable by the api's user: nothing in the venv is closed to others.
-    closed = [
-        p
-        for p in tree.path(PREFIX).rglob("*")
-        if not p.is_symlink() and p.stat().st_mode & 0o004 == 0
-    ]
-    assert closed == []
+    # Readable by the api's user, and by nobody but root writable: the runner (root) runs this
+    # code, so a compromised api that could change it would be root.
+    files = [p for p in tree.path(PREFIX).rglob("*") if not p.is_symlink()]
+    assert [p for p in files if p.stat().st_mode & 0o004 == 0] == []
+    assert [p for p in files if p.stat().st_mode & 0o022 or p.stat().st_uid != 0] == []
+    for path in (tree.path(PREFIX), *tree.path(PREFIX).parents):
+        assert path.stat().st_mode & 0o022 == 0 or path == Path("/tmp"), path
     # Units, sysusers.d, tmpfiles.d: each shipped file, 0644 root's, its paths under PREFIX.
     for src, dest in [
         ("systemd", "/etc/systemd/system"),
