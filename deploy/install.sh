@@ -118,7 +118,7 @@ copy_dir() { # copy_dir SRC_DIR GLOB DEST_DIR: the shipped files, 0644, paths fi
     install -d -m 0755 "$dest"
     for file in "$HERE/$src"/$glob; do
         [[ -f $file ]] || continue
-        sed "s|$UNIT_PREFIX/|$PREFIX/|g" "$file" >"$dest/.$(basename "$file").tmp"
+        sed -E "s#$UNIT_PREFIX(/|\$|[[:space:]\"'])#$PREFIX\1#g" "$file" >"$dest/.$(basename "$file").tmp"
         chmod 0644 "$dest/.$(basename "$file").tmp"
         mv -f "$dest/.$(basename "$file").tmp" "$dest/$(basename "$file")"
         say "installed $dest/$(basename "$file")"
