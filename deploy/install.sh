@@ -78,12 +78,24 @@ WHEEL=$WHEELS/$WHEEL
     die "$PYTHON cannot make a virtualenv (apt-get install --no-install-recommends python3-venv)"
 
 VENV=$ROOT$PREFIX
+MADE_VENV=
+# A failure before the code is in place leaves no half-made virtualenv of this run behind.
+remove_new_venv() {
+    local status=$?
+    if [[ $status -ne 0 && -n $MADE_VENV ]]; then
+        rm -rf "$VENV"
+        echo "install: error: nothing installed; removed the new $VENV" >&2
+    fi
+    exit "$status"
+}
+trap remove_new_venv EXIT
 version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 if [[ ! -f $VENV/pyvenv.cfg ]]; then
     if [[ -e $VENV && -n $(ls -A "$VENV") ]]; then
         die "$VENV exists and is not a virtualenv; remove it or choose another --prefix"
     fi
     say "making a virtualenv at $VENV ($PYTHON $(version_of "$PYTHON"))"
+    [[ -e $VENV ]] || MADE_VENV=1
     "$PYTHON" -m venv "$VENV"
 elif [[ $(version_of "$VENV/bin/python") != "$(version_of "$PYTHON")" ]]; then
     # The system Python moved on (a release upgrade): the old venv cannot run any more.
@@ -107,6 +119,7 @@ fi
 for command in workernator workernator-api workernator-runner; do
     "$VENV/bin/$command" --help >/dev/null || die "$VENV/bin/$command does not run"
 done
+MADE_VENV=  # the code is in place: from here on, a failure keeps it
 if [[ -n $CODE_ONLY ]]; then
     say "done: $VENV/bin/workernator-runner, workernator-api, workernator"
     exit 0

@@ -329,6 +329,33 @@ def test_bad_arguments_are_named_and_leave_nothing(
     ]
 
 
+def test_wheels_without_the_dependencies_fail_and_leave_no_venv(
+    deploy: Path, tree: Tree, wheelhouse: Path
+) -> None:
+    """Offline means from the given wheels only: a missing dependency is named by pip, and the
+    virtualenv this run made is removed again."""
+    wheels = tree.root / "wheels"
+    wheels.mkdir()
+    for wheel in wheelhouse.glob("workernator-*.whl"):
+        shutil.copy(wheel, wheels)
+    result = run(deploy / "install.sh", "--root", str(tree.root), "--wheels", str(wheels))
+    assert result.returncode != 0
+    assert "No matching distribution found for" in result.stderr
+    assert f"nothing installed; removed the new {tree.path(PREFIX)}" in result.stderr
+    assert not tree.path(PREFIX).exists()
+    assert not tree.path("/etc/systemd").exists()
+
+
+def test_uninstall_names_bad_arguments(deploy: Path, tree: Tree) -> None:
+    for args, message in [
+        (["--prefix", "relative"], "--prefix must be an absolute path other than /"),
+        (["--purge", "--now"], "unknown argument '--now'"),
+    ]:
+        result = run(deploy / "uninstall.sh", "--root", str(tree.root), *args)
+        assert result.returncode == 1
+        assert result.stderr.startswith("uninstall: error: ") and message in result.stderr
+
+
 def test_a_directory_that_is_not_a_venv_is_never_taken_over(
     deploy: Path, tree: Tree, wheelhouse: Path
 ) -> None:
