@@ -125,6 +125,14 @@ if [[ -n $CODE_ONLY ]]; then
     exit 0
 fi
 
+# What the runner needs from the system, said once (apt-get install --no-install-recommends ...).
+if [[ -z $ROOT ]]; then
+    export PATH=$PATH:/usr/sbin:/sbin
+    ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' ||
+        say "warning: libseccomp2 is missing: the runner cannot filter jobs' system calls and will not start"
+    command -v nft >/dev/null || say "warning: nft (nftables) is missing: wait jobs will be refused"
+fi
+
 # --- 2. units, sysusers.d, tmpfiles.d --------------------------------------------------------
 copy_dir() { # copy_dir SRC_DIR GLOB DEST_DIR: the shipped files, 0644, paths fixed for PREFIX
     local src=$1 glob=$2 dest=$ROOT$3 file
