@@ -128,7 +128,7 @@ fi
 # What the runner needs from the system, said once (apt-get install --no-install-recommends ...).
 if [[ -z $ROOT ]]; then
     export PATH=$PATH:/usr/sbin:/sbin
-    ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' ||
+    ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2 ' >/dev/null ||
         say "warning: libseccomp2 is missing: the runner cannot filter jobs' system calls and will not start"
     command -v nft >/dev/null || say "warning: nft (nftables) is missing: wait jobs will be refused"
 fi
