@@ -45,10 +45,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import Stream
-from tests.conftest import Daemon, short_tmpdir, write_runner_config
+from tests.conftest import ROOT, Daemon, install_code, short_tmpdir, write_runner_config
 from tests.e2e.conftest import (
     API_USER,
-    _can_run_as,
     _free_port,
     make_certs,
     stop_api,
@@ -66,6 +65,7 @@ from workernator_runner import store
 from workernator_runner.config import RunnerConfig
 
 PYTHON = "/usr/bin/python3"
+RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/"]
 BWRAP += ["--proc", "/proc", "--dev", "/dev", PYTHON, "-c", "print(1)"]
 LINE = b"0123456789" * 10 + b"\n"  # 101 bytes, as the tests' spew job prints
@@ -99,13 +99,41 @@ class Stack:
         return grpc.aio.secure_channel(self.address, self.credentials(user))
 
 
+def api_python(user: str, tmp: Path) -> Path:
+    """An interpreter ``user`` can run the api's code with: this one when ``user`` can read
+    it and the checkout, else a copy of the project installed under ``tmp`` (as the e2e tests
+    do: a checkout under /root is not readable by an unprivileged user)."""
+    probe = subprocess.run(
+        [RUNUSER, "-u", user, "--", sys.executable, "-c", "import workernator_api.server"],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return Path(sys.executable)
+    wheels = tmp / "wheels"
+    built = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(wheels)],
+        env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        sys.exit(f"cannot build the project's wheels: {built.stdout}{built.stderr}")
+    install_code(tmp / "venv", wheels)
+    return tmp / "venv" / "bin" / "python"
+
+
 @contextlib.contextmanager
 def stack() -> Iterator[Stack]:
-    """A runner and an api of the bench's own, removed afterwards."""
+    """A runner and an api (unprivileged) of the bench's own, removed afterwards."""
     tmp = short_tmpdir("wn-apibench-")
     os.chmod(tmp, 0o755)
     ensure_job_user(JOB_USER)
-    api_uid = pwd.getpwnam(API_USER).pw_uid if _can_run_as(API_USER) else os.geteuid()
+    api_uid = pwd.getpwnam(API_USER).pw_uid
+    python = api_python(API_USER, tmp)
     make_certs(tmp / "certs", api_uid)
     (tmp / "run").mkdir(mode=0o755)
     (tmp / "state").mkdir()
@@ -122,12 +150,11 @@ def stack() -> Iterator[Stack]:
     runner.start()
     api = None
     try:
-        if api_uid != os.geteuid():
-            os.chown(cfg.socket, -1, pwd.getpwnam(API_USER).pw_gid)
-            os.chmod(cfg.socket, 0o660)
+        os.chown(cfg.socket, -1, pwd.getpwnam(API_USER).pw_gid)
+        os.chmod(cfg.socket, 0o660)
         port = _free_port()
         config = write_api_config(tmp / "api.toml", port, tmp / "certs", cfg.socket)
-        api = launch_api(config, tmp / "api.log", api_uid, port)
+        api = launch_api(config, tmp / "api.log", api_uid, port, python)
         yield Stack(f"127.0.0.1:{port}", tmp / "certs", runner, cfg.socket, cfg.state_dir, api)
     finally:
         if api is not None:
