@@ -4,15 +4,16 @@ Without this, every ``TailJobOutput`` had a runner connection of its own: 100 ta
 made the runner read, check and send the job's output 100 times, and the api decode and convert
 it 100 times. Now a :class:`Feed` is one runner tail of a job from one position, following it;
 every following tail of that job whose position the feed still holds reads from it. The feed
-builds each batch's response once and hands the same message to every tail.
+serializes each batch's response once and hands the same bytes to every tail.
 
 Memory is bounded: a feed reads ahead of its tails by at most its window (the api's
 :data:`WINDOW_BYTES` in all, shared between the feeds open, between :data:`MIN_WINDOW_BYTES`
 and :data:`MAX_WINDOW_BYTES` each). When the window is full, the oldest batch is dropped as soon
 as no tail still needs it. A tail that still needs it while another tail waits for new output
-is a whole window behind: it leaves the feed and goes on from where it was on a feed of its own
-(or on one at its position), so a slow client holds back nobody but itself, and its own feed
-stops reading once its window is full; the runner then stops reading the job's file for it.
+is a whole window behind: after :data:`LAG_SECONDS` of that it leaves the feed and goes on from
+where it was on a feed of its own (or on one at its position), so a slow client holds back the
+others once, briefly, and then nobody but itself; its own feed stops reading once its window is
+full, and the runner then stops reading the job's file for it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from workernator_api.limits import ConcurrencyLimit
 WINDOW_BYTES = 16 << 20
 """Output all feeds together keep for their tails (the api's part of a tail's memory)."""
 MAX_WINDOW_BYTES = 2 << 20
-"""The most one feed keeps: 16 batches of 256 KiB, room for tails a little apart."""
+"""The most one feed keeps: 8 batches of 256 KiB, room for tails a little apart."""
 MIN_WINDOW_BYTES = 256 << 10
 """The least one feed keeps, however many feeds are open: one batch."""
 
