@@ -103,8 +103,10 @@ def api_python(user: str, tmp: Path) -> Path:
     """An interpreter ``user`` can run the api's code with: this one when ``user`` can read
     it and the checkout, else a copy of the project installed under ``tmp`` (as the e2e tests
     do: a checkout under /root is not readable by an unprivileged user)."""
+    # It must import this checkout's api (the venv's editable install may point at another).
+    here = f"import workernator_api.server as s; assert s.__file__.startswith({str(ROOT)!r})"
     probe = subprocess.run(
-        [RUNUSER, "-u", user, "--", sys.executable, "-c", "import workernator_api.server"],
+        [RUNUSER, "-u", user, "--", sys.executable, "-c", here],
         cwd="/",
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
