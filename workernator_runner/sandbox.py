@@ -164,13 +164,13 @@ def init(
         os.close(err_w)
         _expect(ours, MSG_PREPARED, "the job process")
         _rehearse_init(sandbox)
+        for pid in (0, job_pid):  # prepared: back from the lowest priority (see monitor.spare)
+            os.setpriority(os.PRIO_PROCESS, pid, 0)
         channel.send(MSG_PREPARED)
         message = channel.recv(MAX_MESSAGE)
         if not message.startswith(MSG_JOB):  # empty: the monitor is gone
             os._exit(1)
         setup = JobSetup.decode(message)
-        for pid in (0, job_pid):  # prepared at the lowest priority (see monitor.spare)
-            os.setpriority(os.PRIO_PROCESS, pid, 0)
         args = _check(sandbox, setup)
         _enter(sandbox, setup)
         # The init itself needed root for the mounts until just now: it gives it all up before
