@@ -160,8 +160,7 @@ def test_the_measure_catches_a_spinning_pidfd_callback() -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        use = idle_use({"spinning": proc.pid}, 1.0)
-        assert use["spinning"].cpu_seconds > 10 * MAX_IDLE_CPU_SECONDS
+        use = idle_use({"spinning": proc.pid}, IDLE_SECONDS)
         try:
             assert_idle(use)
         except AssertionError as exc:
