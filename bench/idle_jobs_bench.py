@@ -75,7 +75,9 @@ def make_config(state_dir: Path) -> RunnerConfig:
 def remove_network() -> None:
     """The bridge and nftables table the runner made for this bench (they outlive a runner)."""
     subprocess.run(
-        ["nft", "delete", "table", "inet", f"workernator_{BRIDGE}"], capture_output=True, check=False
+        ["nft", "delete", "table", "inet", f"workernator_{BRIDGE}"],
+        capture_output=True,
+        check=False,
     )
     subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
 
@@ -225,8 +227,10 @@ def report(
             print(f"  {name:<12} {value / MB:11.2f}")
     print(f"\nidle CPU over {IDLE_SECONDS:g} s (ms)")
     for name in busy:
-        print(f"  {name:<10} with {top} jobs running {busy[name]:6.1f}   after they all stopped "
-              f"{after[name]:6.1f}")
+        print(
+            f"  {name:<10} with {top} jobs running {busy[name]:6.1f}   after they all stopped "
+            f"{after[name]:6.1f}"
+        )
 
     def verdict(ok: bool) -> str:
         return "MET" if ok else "NOT MET"

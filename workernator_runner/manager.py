@@ -88,6 +88,7 @@ class JobManager:
         self._jobs: dict[str, _Job] = {}
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
+        self._last_address: ipaddress.IPv4Interface | None = None  # the next is after it
         self._inotify: inotify.Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -307,9 +308,10 @@ class JobManager:
 
     def _allocate_address(self, job_id: str) -> ipaddress.IPv4Interface:
         assert self.egress is not None
-        for address in self.egress.addresses():
+        for address in self.egress.addresses(after=self._last_address):
             if address not in self._addresses:
                 self._addresses[address] = job_id
+                self._last_address = address
                 return address
         raise FailedPrecondition(f"no free address in the egress subnet {self.egress.subnet}")
 
