@@ -111,8 +111,27 @@ async def _until_ended(client: RunnerClient, job_id: str) -> JobState:
     raise AssertionError(f"job {job_id} did not end")
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def inotify_watches(pid: int) -> int:
+    """The inotify watches the process holds, over all its inotify descriptors."""
+    watches = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                watches += sum(line.startswith("inotify wd:") for line in f)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return watches
+
+
 async def test_runner_uses_no_cpu_while_idle_after_100_short_jobs(daemon: Daemon) -> None:
     async with RunnerClient(daemon.config.socket) as client:
+        fds, watches = open_fds(daemon.pid), inotify_watches(daemon.pid)
         ids = []
         for n in range(SHORT_JOBS):
             # noop ends before its start returns (the path of the old bug); fib prints first;
@@ -129,6 +148,8 @@ async def test_runner_uses_no_cpu_while_idle_after_100_short_jobs(daemon: Daemon
         for job_id in ids:
             assert await _until_ended(client, job_id) is JobState.COMPLETED
         assert len(await client.list_jobs(*USER)) == SHORT_JOBS + 1
+        # Nothing of an ended job stays open in the runner.
+        assert (open_fds(daemon.pid), inotify_watches(daemon.pid)) == (fds, watches)
     pids = runner_processes(daemon)
     assert len(pids) >= 3  # the runner, the launcher, and at least a spare
     assert_idle(idle_use(pids, IDLE_SECONDS))
@@ -170,3 +191,22 @@ def test_the_measure_catches_a_spinning_pidfd_callback() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+IDLE_JOBS = 20
+
+
+async def test_each_running_job_costs_the_runner_one_pidfd_and_one_watch(daemon: Daemon) -> None:
+    """What a running job holds in the runner is the same for the first and the twentieth (a
+    start does not grow with the jobs that run), and all of it goes with the job."""
+    async with RunnerClient(daemon.config.socket) as client:
+        fds, watches = open_fds(daemon.pid), inotify_watches(daemon.pid)
+        running = []
+        for n in range(IDLE_JOBS):
+            job = await client.start(*USER, "wait", {"seconds": 600, "url": "http://192.0.2.1/"})
+            running.append(job.id)
+            assert open_fds(daemon.pid) == fds + n + 1  # its monitor's pidfd
+            assert inotify_watches(daemon.pid) == watches + n + 1  # its directory
+        for job_id in running:
+            assert (await client.stop(*USER, job_id)).state is JobState.STOPPED
+        assert (open_fds(daemon.pid), inotify_watches(daemon.pid)) == (fds, watches)
