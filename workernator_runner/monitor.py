@@ -80,7 +80,7 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     # Preparing spares must not slow down jobs that start meanwhile: at the lowest priority
-    # until this sandbox has a job (the monitor, its init and job process go back to 0 then).
+    # until this sandbox is prepared (the monitor, its init and job process go back to 0 then).
     os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICENESS)
     job = _Job(host)
     pid = PID.pack(os.getpid())
