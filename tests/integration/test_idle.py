@@ -111,27 +111,37 @@ async def _until_ended(client: RunnerClient, job_id: str) -> JobState:
     raise AssertionError(f"job {job_id} did not end")
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+@dataclass(frozen=True)
+class Held:
+    """What a runner holds for jobs: pidfds, inotify watches, open files of the state directory
+    (sockets are left out: clients come and go)."""
+
+    pidfds: int
+    watches: int
+    files: int
 
 
-def inotify_watches(pid: int) -> int:
-    """The inotify watches the process holds, over all its inotify descriptors."""
-    watches = 0
+def held(daemon: Daemon) -> Held:
+    pid, state_dir = daemon.pid, str(daemon.config.state_dir)
+    pidfds = watches = files = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
-                watches += sum(line.startswith("inotify wd:") for line in f)
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target == "anon_inode:[pidfd]":
+                pidfds += 1
+            elif target == "anon_inode:inotify":
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                    watches += sum(line.startswith("inotify wd:") for line in f)
+            elif target.startswith(state_dir + "/"):
+                files += 1
         except FileNotFoundError:  # closed meanwhile
             continue
-    return watches
+    return Held(pidfds, watches, files)
 
 
 async def test_runner_uses_no_cpu_while_idle_after_100_short_jobs(daemon: Daemon) -> None:
     async with RunnerClient(daemon.config.socket) as client:
-        fds, watches = open_fds(daemon.pid), inotify_watches(daemon.pid)
+        before = held(daemon)
         ids = []
         for n in range(SHORT_JOBS):
             # noop ends before its start returns (the path of the old bug); fib prints first;
@@ -148,8 +158,7 @@ async def test_runner_uses_no_cpu_while_idle_after_100_short_jobs(daemon: Daemon
         for job_id in ids:
             assert await _until_ended(client, job_id) is JobState.COMPLETED
         assert len(await client.list_jobs(*USER)) == SHORT_JOBS + 1
-        # Nothing of an ended job stays open in the runner.
-        assert (open_fds(daemon.pid), inotify_watches(daemon.pid)) == (fds, watches)
+        assert held(daemon) == before  # nothing of an ended job stays open in the runner
     pids = runner_processes(daemon)
     assert len(pids) >= 3  # the runner, the launcher, and at least a spare
     assert_idle(idle_use(pids, IDLE_SECONDS))
@@ -200,13 +209,13 @@ async def test_each_running_job_costs_the_runner_one_pidfd_and_one_watch(daemon:
     """What a running job holds in the runner is the same for the first and the twentieth (a
     start does not grow with the jobs that run), and all of it goes with the job."""
     async with RunnerClient(daemon.config.socket) as client:
-        fds, watches = open_fds(daemon.pid), inotify_watches(daemon.pid)
+        before = held(daemon)
         running = []
-        for n in range(IDLE_JOBS):
+        for n in range(1, IDLE_JOBS + 1):
             job = await client.start(*USER, "wait", {"seconds": 600, "url": "http://192.0.2.1/"})
             running.append(job.id)
-            assert open_fds(daemon.pid) == fds + n + 1  # its monitor's pidfd
-            assert inotify_watches(daemon.pid) == watches + n + 1  # its directory
+            # Its monitor's pidfd and a watch on its directory; no file stays open.
+            assert held(daemon) == Held(before.pidfds + n, before.watches + n, before.files)
         for job_id in running:
             assert (await client.stop(*USER, job_id)).state is JobState.STOPPED
-        assert (open_fds(daemon.pid), inotify_watches(daemon.pid)) == (fds, watches)
+        assert held(daemon) == before
