@@ -29,6 +29,8 @@ from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
 
 ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROBE_MODULE = "tests.probe_jobs"
 
@@ -59,6 +61,50 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def short_tmpdir(prefix: str) -> Path:
     """A short directory path: Unix socket paths must stay under 108 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Path]:
+    """This checkout built as a wheel, with its dependencies' wheels: what `make wheels` makes
+    (scripts/build_wheels.sh) and deploy/install.sh installs from, offline."""
+    path = short_tmpdir("wn-wheels-")
+    try:
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(path)],
+            env=dict(os.environ, PYTHON=sys.executable),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def install_code(prefix: Path, wheels: Path) -> None:
+    """``deploy/install.sh --code-only``: a virtualenv at ``prefix`` with the wheel installed."""
+    command = ["bash", str(DEPLOY / "install.sh"), "--code-only"]
+    result = subprocess.run(
+        [*command, "--prefix", str(prefix), "--wheels", str(wheels)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def installed_code(wheelhouse: Path) -> Iterator[Path]:
+    """The project installed the way a host gets it, in a directory every user can read (a
+    checkout under /root is not): the api of the e2e tests runs from here, unprivileged."""
+    base = short_tmpdir("wn-code-")
+    os.chmod(base, 0o755)
+    try:
+        install_code(base / "venv", wheelhouse)
+        yield base / "venv"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -225,26 +225,19 @@ def guard_handler(
     handler: grpc.RpcMethodHandler[Any, Any], check: _Check
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same method handler, with ``check`` run before its behavior."""
-    serialization_ = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _guard(handler.unary_unary, check), **serialization_
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _guard(handler.unary_stream, check), **serialization_
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _guard(handler.stream_unary, check), **serialization_
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _guard(handler.stream_stream, check), **serialization_
-        )
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for behavior, make in kinds:
+        if behavior is not None:
+            return make(
+                _guard(behavior, check),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     raise TypeError("a method handler without a behavior")
 
 

@@ -7,7 +7,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,20 +30,6 @@ def _free_port() -> int:
         return port
 
 
-def _can_run_as(user: str) -> bool:
-    """Can ``user`` run this interpreter and import the project? (Not when it lives in /root.)"""
-    if os.geteuid() != 0:
-        return False
-    result = subprocess.run(
-        ["runuser", "-u", user, "--", sys.executable, "-c", "import workernator_api.server"],
-        cwd="/",
-        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        capture_output=True,
-        check=False,
-    )
-    return result.returncode == 0
-
-
 @dataclass
 class Stack:
     address: str
@@ -54,6 +39,7 @@ class Stack:
     api: subprocess.Popen[bytes]
     api_log: Path
     api_uid: int
+    api_python: Path  # the interpreter of the installed code the api runs from
     tmp: Path
     extra: dict[str, Path] = field(default_factory=dict)
 
@@ -97,9 +83,8 @@ def make_certs(cert_dir: Path, api_uid: int) -> certs.Deployment:
     root's), which the api cannot enter: it never needs them.
     """
     deployment = certs.create_deployment(cert_dir, ["localhost", "127.0.0.1"], USERS)
-    if api_uid != os.geteuid():
-        os.chown(deployment.server_key, api_uid, -1)
-        os.chmod(cert_dir, 0o755)
+    os.chown(deployment.server_key, api_uid, -1)
+    os.chmod(cert_dir, 0o755)
     return deployment
 
 
@@ -121,26 +106,28 @@ def write_api_config(
     return path
 
 
-def run_api(config: Path, log: Path, api_uid: int) -> subprocess.Popen[bytes]:
-    """``workernator-api --config config`` as ``api_uid`` (unprivileged unless it is root's),
-    its output in ``log``."""
-    unprivileged = api_uid != os.geteuid()
+def run_api(config: Path, log: Path, api_uid: int, python: Path) -> subprocess.Popen[bytes]:
+    """``workernator-api --config config`` as ``api_uid`` (never root), from the installed code
+    of ``python`` (:func:`tests.conftest.installed_code`), its output in ``log``."""
+    assert api_uid != 0, "the api runs unprivileged"
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "workernator_api.server", "--config", str(config)],
+            [str(python), "-m", "workernator_api.server", "--config", str(config)],
             cwd="/",
-            env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            env={"PATH": "/usr/bin:/bin"},
             stdout=out,
             stderr=out,
-            user=api_uid if unprivileged else None,
-            group=pwd.getpwnam(API_USER).pw_gid if unprivileged else None,
-            extra_groups=[] if unprivileged else None,
+            user=api_uid,
+            group=pwd.getpwuid(api_uid).pw_gid,
+            extra_groups=[],
         )
 
 
-def start_api(config: Path, log: Path, api_uid: int, port: int) -> subprocess.Popen[bytes]:
+def start_api(
+    config: Path, log: Path, api_uid: int, port: int, python: Path
+) -> subprocess.Popen[bytes]:
     """:func:`run_api`, returning once it listens on ``port``."""
-    api = run_api(config, log, api_uid)
+    api = run_api(config, log, api_uid, python)
     try:
         _wait_for_port(port, api, log)
     except BaseException:
@@ -160,12 +147,14 @@ def stop_api(api: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(job_user: str, egress_lab: EgressLab) -> Iterator[Stack]:
+def stack(job_user: str, egress_lab: EgressLab, installed_code: Path) -> Iterator[Stack]:
+    """The runner (root, from this checkout) and the api as API_USER, from the installed code:
+    the api never runs as root, wherever the checkout is."""
     tmp = short_tmpdir("wn-e2e-")
     os.chmod(tmp, 0o755)
     cert_dir = tmp / "certs"
-    unprivileged = _can_run_as(API_USER)
-    api_uid = pwd.getpwnam(API_USER).pw_uid if unprivileged else os.geteuid()
+    api_uid = pwd.getpwnam(API_USER).pw_uid
+    api_python = installed_code / "bin" / "python"
     make_certs(cert_dir, api_uid)
 
     state = tmp / "state"
@@ -186,17 +175,26 @@ def stack(job_user: str, egress_lab: EgressLab) -> Iterator[Stack]:
     write_runner_config(cfg, tmp / "runner.toml")
     runner = Daemon(cfg, tmp / "runner.toml", tmp / "runner.log")
     runner.start()
-    if unprivileged:
-        os.chown(cfg.socket, -1, pwd.getpwnam(API_USER).pw_gid)
-        os.chmod(cfg.socket, 0o660)
+    os.chown(cfg.socket, -1, pwd.getpwnam(API_USER).pw_gid)
+    os.chmod(cfg.socket, 0o660)
 
     port = _free_port()
     config = write_api_config(tmp / "api.toml", port, cert_dir, cfg.socket)
     api_log = tmp / "api.log"
-    api = run_api(config, api_log, api_uid)
+    api = run_api(config, api_log, api_uid, api_python)
     try:
         _wait_for_port(port, api, api_log)
-        yield Stack(f"127.0.0.1:{port}", cert_dir, cfg.socket, runner, api, api_log, api_uid, tmp)
+        yield Stack(
+            f"127.0.0.1:{port}",
+            cert_dir,
+            cfg.socket,
+            runner,
+            api,
+            api_log,
+            api_uid,
+            api_python,
+            tmp,
+        )
     finally:
         stop_api(api)
         runner.stop()

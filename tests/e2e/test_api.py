@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pwd
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import JobState
 from tests import pki
-from tests.e2e.conftest import API_USER, Stack, _can_run_as
+from tests.e2e.conftest import API_USER, Stack
 from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -548,9 +549,21 @@ def test_tls_1_2_is_refused_and_tls_1_3_accepted(stack: Stack) -> None:
     assert "Protocol version: TLSv1.2" not in handshake("tls1_2")
 
 
-def test_the_api_runs_unprivileged_when_it_can(stack: Stack) -> None:
+@pytest.mark.privileged  # so that under CI=true a skip fails the run
+def test_the_api_runs_unprivileged_from_the_installed_code(
+    stack: Stack, installed_code: Path
+) -> None:
+    """Wherever the checkout is (a clone under /root, mode 0700, included), the api runs as its
+    own user, from code installed where that user can read it: never as root."""
     status = Path(f"/proc/{stack.api.pid}/status").read_text()
-    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-    assert int(uid_line.split()[1]) == stack.api_uid
-    if stack.api_uid == 0:  # only when it could not: the checkout is out of nobody's reach
-        assert not _can_run_as(API_USER)
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert uids == [str(pwd.getpwnam(API_USER).pw_uid)] * 4  # real, effective, saved, fs
+    assert "0" not in uids
+    groups = next(line for line in status.splitlines() if line.startswith("Groups:")).split()[1:]
+    assert groups == []  # none of root's groups either
+    # It runs the installed code: its interpreter is the install's, and gRPC's native code is
+    # mapped from the install's site-packages.
+    argv = Path(f"/proc/{stack.api.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[0] == bytes(installed_code / "bin" / "python")
+    maps = Path(f"/proc/{stack.api.pid}/maps").read_text()
+    assert f"{installed_code}/lib/" in maps
