@@ -102,7 +102,7 @@ class JobManager:
         # Made, or checked that nobody but root could have changed them (files.UnsafePath).
         for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir, cfg.sandbox_dir):
             os.close(files.open_dir(path, 0o700))
-        # First, and before the launcher: under systemd this moves the runner into its leaf.
+        # Before the launcher, which gets the layout.
         self.cgroups = cgroups.detect(cfg.workspaces_dir, use_freezer=self._use_freezer)
         log.info(
             "runner starting",

@@ -24,6 +24,7 @@ import pytest
 
 from shared.model import JobState
 from tests.conftest import ROOT, Daemon, _stop_leftover_jobs, write_runner_config
+from tests.e2e.conftest import _free_port, make_certs, write_api_config
 from tests.helpers import process_gone
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
@@ -50,6 +51,11 @@ def _state(cfg: RunnerConfig, job_id: str) -> store.StateFile:
     return state
 
 
+async def _start(path: Path, job_type: str) -> str:
+    async with RunnerClient(path) as client:
+        return (await client.start(*USER, job_type, {})).id
+
+
 def _wait_for(condition: object, seconds: float = 20.0) -> None:
     deadline = time.monotonic() + seconds
     assert callable(condition)
@@ -58,7 +64,7 @@ def _wait_for(condition: object, seconds: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-async def test_monitors_do_not_keep_a_stopped_runners_stderr(
+def test_monitors_do_not_keep_a_stopped_runners_stderr(
     runner_config: RunnerConfig, state_dir: Path
 ) -> None:
     """Under systemd the runner's stderr is a journal stream of that one invocation. A monitor
@@ -77,12 +83,11 @@ async def test_monitors_do_not_keep_a_stopped_runners_stderr(
     os.close(write_end)
     try:
         _wait_for(lambda: runner_config.socket.exists() or runner.poll() is not None)
-        async with RunnerClient(runner_config.socket) as client:
-            job = await client.start(*USER, "stubborn", {})
+        job_id = asyncio.run(_start(runner_config.socket, "stubborn"))
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=20) == 0
         assert _read_until_eof(read_end, 10.0), "a process of the runner still holds its stderr"
-        state = _state(runner_config, job.id)
+        state = _state(runner_config, job_id)
         assert state.state is JobState.RUNNING
         assert not process_gone(state.monitor_pid)
         assert not process_gone(state.job_pid)
@@ -91,7 +96,7 @@ async def test_monitors_do_not_keep_a_stopped_runners_stderr(
         if runner.poll() is None:
             runner.kill()
             runner.wait()
-        await asyncio.to_thread(_stop_leftover_jobs, runner_config)
+        _stop_leftover_jobs(runner_config)
 
 
 # --- readiness ------------------------------------------------------------------------------
@@ -173,10 +178,7 @@ def _fake_systemctl(directory: Path, answer: str, status: int = 0) -> dict[str, 
     directory.mkdir(exist_ok=True)
     script = directory / "systemctl"
     script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$@" >> "{directory}/calls"\n'
-        f"printf '%s' '{answer}'\n"
-        f"exit {status}\n"
+        f"#!/bin/sh\necho \"$@\" >> \"{directory}/calls\"\nprintf '%s' '{answer}'\nexit {status}\n"
     )
     script.chmod(0o755)
     return dict(
@@ -248,7 +250,7 @@ async def test_a_stop_of_the_unit_ends_every_job_and_records_it(
     [
         (f"7 {UNIT} restart running\n", 0, "runner unit restarting; running jobs go on"),
         ("", 0, "systemd_job=-"),  # it crashed: systemd restarts it, no job queued
-        (f"9 other.service stop waiting\n", 0, "systemd_job=-"),
+        ("9 other.service stop waiting\n", 0, "systemd_job=-"),
         ("", 1, "cannot tell a stop from a restart; running jobs go on"),
     ],
     ids=["restart", "crash", "another-unit-stops", "systemctl-fails"],
@@ -291,3 +293,33 @@ async def test_keep_jobs_on_stop_keeps_them_on_a_stop_too(
     finally:
         daemon.stop()
         await asyncio.to_thread(_stop_leftover_jobs, cfg)
+
+
+def test_the_api_says_ready_once_its_port_listens(
+    state_dir: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, address = notify_socket
+    make_certs(state_dir / "certs", os.geteuid())
+    port = _free_port()
+    config = write_api_config(
+        state_dir / "api.toml", port, state_dir / "certs", state_dir / "runner.sock"
+    )
+    with (state_dir / "api.log").open("wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "workernator_api.server", "--config", str(config)],
+            cwd="/",
+            env=dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=address),
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        assert b"READY=1\n" in sock.recv(4096).splitlines(keepends=True)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # listening by the time it said so (without a runner: health says so)
+        api.send_signal(signal.SIGTERM)
+        assert b"STOPPING=1\n" in sock.recv(4096).splitlines(keepends=True)
+        assert api.wait(timeout=30) == 0
+    finally:
+        if api.poll() is None:
+            api.kill()
+            api.wait()
