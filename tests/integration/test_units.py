@@ -105,9 +105,8 @@ def test_the_units_run_what_the_install_puts_in_place() -> None:
     )
     assert "RuntimeDirectory=workernator\n" in runner  # /run/workernator/runner.sock
     assert "KillMode=process\n" in runner  # jobs outlive a restart
-    assert "ExecStart=/opt/workernator/bin/workernator-api --config /etc/workernator/api.toml\n" in (
-        api
-    )
+    api_config = "--config /etc/workernator/api.toml"
+    assert f"ExecStart=/opt/workernator/bin/workernator-api {api_config}\n" in api
     assert "User=workernator-api\nGroup=workernator-api\n" in api
     assert "Requires=workernator-runner.service\n" in api
 
