@@ -123,6 +123,21 @@ def unit_state() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _wait_ready(notify: socket.socket, runner: subprocess.Popen[bytes], log: Path) -> None:
+    """READY=1 from the runner, or a failure with its log as soon as it exits without it."""
+    notify.settimeout(0.2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if b"READY=1" in notify.recv(4096):
+                return
+        except TimeoutError:
+            pass
+        if runner.poll() is not None:
+            pytest.fail(f"the runner exited {runner.returncode}: {log.read_text()}")
+    pytest.fail(f"the runner did not say READY=1 within 60 s: {log.read_text()}")
+
+
 def _read_state(cfg: RunnerConfig, job_id: str) -> store.StateFile:
     state = store.read_state(cfg.jobs_dir / job_id)
     assert state is not None
@@ -181,7 +196,6 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"wn-unit-notify-{os.getpid()}-{time.monotonic_ns()}"
     notify.bind("\0" + name)
-    notify.settimeout(60)
     daemon = [sys.executable, "-m", "workernator_runner.daemon", "--config", str(config_path)]
     with log_path.open("wb") as log:
         runner = subprocess.Popen(
@@ -192,7 +206,7 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
             stderr=log,
         )
     try:
-        assert b"READY=1" in notify.recv(4096), log_path.read_text()
+        _wait_ready(notify, runner, log_path)
         with bridge_host(egress_lab) as host:  # on the bridge the runner just made
             port, _ = host.http_server()
             results, stopped, running = asyncio.run(_run_jobs(cfg, host, port))
