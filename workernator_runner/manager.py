@@ -223,20 +223,24 @@ class JobManager:
         job = _Job(request, store.StateFile(), job_dir)
         self._jobs[request.id] = job
         self._watch(job)  # before reading the state, so an end recorded meanwhile is seen
+        unreadable = False
         try:
             state = store.read_state(job_dir)
         except ValueError as exc:
             log.error("unreadable job state", job=request.id, error=str(exc))
-            state = None
+            state, unreadable = None, True
         if state is None:
             # The runner stopped while this job was starting (or its state is unreadable).
             state = store.StateFile(
                 state=JobState.FAILED, error="the job's state was lost while it was starting"
             )
-            try:  # unless its monitor, which may still be starting it, recorded it meanwhile
-                store.write_state(job_dir, state, exclusive=True)
-            except FileExistsError:
-                state = store.read_state(job_dir) or state
+            if unreadable:  # nobody will ever make sense of it: record the loss over it
+                store.write_state(job_dir, state)
+            else:
+                try:  # unless its monitor, which may still be starting it, recorded it meanwhile
+                    store.write_state(job_dir, state, exclusive=True)
+                except FileExistsError:
+                    state = store.read_state(job_dir) or state
         job.state = state
         if state.state.finished:
             self._unwatch(job)

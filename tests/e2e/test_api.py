@@ -222,8 +222,8 @@ def _client_certificate(stack: Stack, user: str, role: str | None) -> None:
     """A client certificate from the stack's CA with CN ``user`` and O ``role`` (None: no O),
     even one that is not a role, written as the stack's other users' are."""
     ca_key, ca_cert = (
-        certs.load_key(stack.certs / "ca-key.pem"),
-        certs.load_cert(stack.certs / "ca.pem"),
+        certs.load_key(stack.certs / "ca" / "client-ca-key.pem"),
+        certs.load_cert(stack.certs / "client-ca.pem"),
     )
     names = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
     if role is not None:
