@@ -5,7 +5,9 @@ for trying the daemons under ``deploy/systemd/`` on a host where systemd is not 
 (and, as the unit asks, IPC and UTS) namespaces, then applies what systemd 252 would:
 
 - paths: ``ProtectSystem=full`` (``/usr``, ``/boot``, ``/efi``, ``/etc`` read-only) or
-  ``strict`` (every mount read-only but ``/dev``, ``/proc``, ``/sys``), ``ProtectHome=yes``
+  ``strict`` (every mount read-only but ``/dev``, ``/proc``, ``/sys``, ``ReadWritePaths=`` and
+  the directories named in ``$WN_UNIT_CONFINE_WRITABLE``, the test's stand-ins for the unit's
+  ``StateDirectory=`` and ``RuntimeDirectory=``), ``ProtectHome=yes``
   (empty ``/home``, ``/root``, ``/run/user``; the code under test is bound back in, as an install
   in ``/opt`` would be seen), ``PrivateTmp=yes`` (empty ``/tmp`` and ``/var/tmp``),
   ``PrivateDevices=yes`` (a ``/dev`` of null, zero, full, random, urandom and tty),
@@ -40,6 +42,7 @@ from pathlib import Path
 import pyseccomp as seccomp
 
 STAGE = "WN_UNIT_CONFINE_STAGE"
+WRITABLE = "WN_UNIT_CONFINE_WRITABLE"
 HIDDEN_BY_PROTECT_HOME = ("/home", "/root", "/run/user")
 READ_ONLY_BY_PROTECT_SYSTEM_FULL = ("/usr", "/boot", "/efi", "/etc")
 API_FILE_SYSTEMS = ("/dev", "/proc", "/sys")
@@ -147,8 +150,14 @@ def _paths(settings: dict[str, list[str]], keep: list[str]) -> None:
                 _mount("--bind", path, path)
                 _mount("-o", "remount,bind,ro", path)
     elif protect_system == "strict":
+        # What systemd leaves writable: the unit's ReadWritePaths=, and for its StateDirectory=
+        # and RuntimeDirectory= the test's stand-ins (WRITABLE, colon-separated).
+        writable = [p for v in settings.pop("ReadWritePaths", []) for p in v.split()]
+        writable += [p for p in os.environ.get(WRITABLE, "").split(":") if p]
+        for path in writable:
+            _mount("--bind", path, path)
         for point in _mount_points():
-            if not _under(point, API_FILE_SYSTEMS):
+            if not _under(point, (*API_FILE_SYSTEMS, *writable)):
                 with contextlib.suppress(subprocess.CalledProcessError):
                     _mount("-o", "remount,bind,ro", point)
     elif protect_system != "no":

@@ -193,7 +193,7 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
         runner = subprocess.Popen(
             confined(daemon),
             cwd="/",
-            env=_env(NOTIFY_SOCKET="@" + name),
+            env=_env(NOTIFY_SOCKET="@" + name, WN_UNIT_CONFINE_WRITABLE=str(unit_state)),
             stdout=log,
             stderr=log,
         )
@@ -219,6 +219,7 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
             confined([*daemon, "--after-stop", "workernator-runner.service"]),
             cwd="/",
             env=_env(
+                WN_UNIT_CONFINE_WRITABLE=str(unit_state),
                 PATH=_fake_systemctl(
                     unit_state / "bin", "1 workernator-runner.service stop running\n"
                 )
