@@ -222,7 +222,7 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
                 WN_UNIT_CONFINE_WRITABLE=str(unit_state),
                 PATH=_fake_systemctl(
                     unit_state / "bin", "1 workernator-runner.service stop running\n"
-                )
+                ),
             ),
             capture_output=True,
             text=True,
