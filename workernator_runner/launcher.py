@@ -113,6 +113,7 @@ class Launcher:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         linux.boot_id()  # cached before the forks: every monitor records it
+        linux.last_capability()  # and every init reads it to drop its capabilities
         gc.collect()
         gc.freeze()  # from here on, forks share these pages and never copy them to collect
         # Below the jobs: forking and preparing spares must not slow down a job that starts.

@@ -73,14 +73,17 @@ class StartFailed(Exception):
 def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     """A monitor's life: a prepared sandbox, then one job until its recorded end."""
     os.setsid()
+    # Nothing of the runner's: its stderr is, under systemd, a journal stream of that one
+    # invocation, which a monitor would keep open (and log under) long after a restart. What
+    # a monitor has to say goes to the launcher (a spare's failure) or into the job's state.
     null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     os.close(null)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     # Preparing spares must not slow down jobs that start meanwhile: at the lowest priority
-    # until this sandbox has a job (the monitor, its init and job process go back to 0 then).
+    # until this sandbox is prepared (the monitor, its init and job process go back to 0 then).
     os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICENESS)
     job = _Job(host)
     pid = PID.pack(os.getpid())
@@ -92,6 +95,10 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
             notify.send(FAILED + pid + str(exc).encode()[:4000])
         return 3
     _rehearse(host)
+    # Prepared: back to the normal priority while it waits (it uses no CPU then), so that the
+    # wake-up of a start is not queued behind every busy process of the host. (The init did the
+    # same for itself and the job process.)
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     try:
         notify.send(PREPARED + pid)
     except OSError:  # the launcher is gone: nobody will send a job
@@ -115,7 +122,6 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         return 0
     with contextlib.suppress(BlockingIOError):  # a signal to the spare is not a stop of the job
         os.read(wake_r, 256)
-    os.setpriority(os.PRIO_PGRP, 0, 0)  # this monitor and the init (the init does the job's)
     try:
         header, args_start = wire.decode_launch_header(memoryview(message))
     except wire.MessageError as exc:
@@ -151,6 +157,8 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         except FileExistsError:  # a restarted runner recorded this job as failed meanwhile
             raise StartFailed("the runner gave this job up while it was starting") from None
         recorded = True
+        # Room for the last state, taken while the init finishes the job's setup.
+        last_write = store.reserve(dir_fd, store.STATE_FILE)  # the end is recorded on a full disk
         job.wait_running()
     except BaseException as exc:
         job.abandon()
@@ -165,7 +173,6 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     del message
     _reply(jobs, wire.STARTED, job_id, "")
     _tell(notify, TOOK + pid + job_id.encode())  # now the launcher may fork the next spare
-    last_write = store.reserve(dir_fd, store.STATE_FILE)  # the end is recorded on a full disk
 
     def output_lost(problem: str) -> None:
         """Say so while the job runs (if there is room for that: the end has its own)."""

@@ -30,6 +30,7 @@ explicitly when the job ends. Leftovers are removed at runner start.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,12 +71,22 @@ class Egress:
     def is_job_veth(self, name: str) -> bool:
         return name.startswith(f"{self.bridge}-")
 
-    def addresses(self) -> Iterable[ipaddress.IPv4Interface]:
-        """Addresses for jobs, in the order they are handed out (the gateway excluded)."""
-        gateway = self.gateway.ip
-        for host in self.subnet.hosts():
+    def addresses(
+        self, after: ipaddress.IPv4Interface | None = None
+    ) -> Iterable[ipaddress.IPv4Interface]:
+        """Addresses for jobs (the gateway excluded): from the first, or from the one after
+        ``after`` round the subnet back to it. Handing them out from the last one given, the
+        next is free at once, however many jobs run (a scan from the first costs a step per
+        running job)."""
+        first = int(self.subnet.network_address) + 1
+        last = int(self.subnet.broadcast_address) - 1
+        start = first
+        if after is not None and first <= int(after.ip) < last:
+            start = int(after.ip) + 1
+        gateway = int(self.gateway.ip)
+        for host in itertools.chain(range(start, last + 1), range(first, start)):
             if host != gateway:
-                yield ipaddress.IPv4Interface(f"{host}/{self.subnet.prefixlen}")
+                yield ipaddress.IPv4Interface((host, self.subnet.prefixlen))
 
 
 def plan(bridge: str, subnet: ipaddress.IPv4Network, resolv_conf_text: str) -> Egress:

@@ -22,7 +22,6 @@ the copy and detaches the old root: everything else of the host is gone.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -38,7 +37,9 @@ DEV_LINKS = {
 }
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 MOUNT_POINTS = ("etc", "proc", "tmp", "workspace", "dev")
-# Only for jobs with network access: what TLS and name resolution read.
+# Only for jobs with network access: what TLS and name resolution read. They sit on a tmpfs of
+# their own at EGRESS_DIR, so that a job without network loses them in one unmount.
+EGRESS_DIR = "/etc/ssl"
 EGRESS_FILES = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
 ETC_SIZE = "256k"
 
@@ -148,9 +149,13 @@ def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, s
     linux.mount(None, f"{template}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
     linux.mount("tmpfs", f"{template}/etc", "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
     _write_files(f"{template}/etc", etc)
-    for path in EGRESS_FILES:  # removed again for a job without network
+    egress_dir = f"{template}{EGRESS_DIR}"  # removed again for a job without network
+    os.mkdir(egress_dir, 0o755)
+    linux.mount("tmpfs", egress_dir, "tmpfs", _SAFE, "mode=0755,size=16k")
+    for path in EGRESS_FILES:
         if os.path.exists(path):
             _bind_ro(path, template)
+    linux.mount(None, egress_dir, None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
     os.chdir(template)
     linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
     linux.umount(".", linux.MNT_DETACH)  # ...and goes away, with every host mount under it
@@ -162,15 +167,10 @@ def enter(etc: Mapping[str, str], egress: bool) -> None:
     go for a job without network), then ``/etc`` read-only."""
     _write_files("/etc", etc)
     if not egress:
-        for path in EGRESS_FILES:
-            if os.path.lexists(path):
-                linux.umount(path, linux.MNT_DETACH)
-                if os.path.isdir(path):
-                    os.rmdir(path)
-                else:
-                    os.unlink(path)
-        with contextlib.suppress(OSError):  # /etc/ssl, when it held only those
-            os.rmdir("/etc/ssl")
+        # One unmount takes the tmpfs and the binds on it: each unmount makes the kernel wait
+        # for RCU, and one per file was a third of the init's work on a start.
+        linux.umount(EGRESS_DIR, linux.MNT_DETACH)
+        os.rmdir(EGRESS_DIR)
     linux.mount(None, "/etc", None, linux.MS_REMOUNT | linux.MS_RDONLY | _SAFE)
 
 

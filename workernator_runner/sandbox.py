@@ -164,18 +164,22 @@ def init(
         os.close(err_w)
         _expect(ours, MSG_PREPARED, "the job process")
         _rehearse_init(sandbox)
+        # Emptied now, off the start (one system call per capability): the bounding set only
+        # limits what an exec could gain, and the init keeps its effective capabilities for the
+        # job's setup until it becomes the job user.
+        linux.drop_bounding_set()
+        for pid in (0, job_pid):  # prepared: back from the lowest priority (see monitor.spare)
+            os.setpriority(os.PRIO_PROCESS, pid, 0)
         channel.send(MSG_PREPARED)
         message = channel.recv(MAX_MESSAGE)
         if not message.startswith(MSG_JOB):  # empty: the monitor is gone
             os._exit(1)
         setup = JobSetup.decode(message)
-        for pid in (0, job_pid):  # prepared at the lowest priority (see monitor.spare)
-            os.setpriority(os.PRIO_PROCESS, pid, 0)
         args = _check(sandbox, setup)
         _enter(sandbox, setup)
         # The init itself needed root for the mounts until just now: it gives it all up before
         # any of the job runs, so no process of a running job is ever privileged.
-        _drop_privileges(sandbox.uid, sandbox.gid)
+        _become_job_user(sandbox.uid, sandbox.gid)
         linux.set_parent_death_signal(signal.SIGKILL)  # the uid change cleared it
         if not _peer_alive(channel):  # the monitor died before the line above
             os._exit(1)
@@ -258,9 +262,14 @@ def _peer_alive(channel: socket.socket) -> bool:
 
 def _drop_privileges(uid: int, gid: int) -> None:
     """Become the job user with no supplementary groups and no capabilities at all."""
+    linux.drop_bounding_set()  # needs CAP_SETPCAP: before the uid change
+    _become_job_user(uid, gid)
+
+
+def _become_job_user(uid: int, gid: int) -> None:
+    """The rest of :func:`_drop_privileges`, for a process whose bounding set is empty."""
     os.setgroups([])
     os.setresgid(gid, gid, gid)
-    linux.drop_bounding_set()  # needs CAP_SETPCAP: before the uid change
     linux.clear_ambient_capabilities()
     os.setresuid(uid, uid, uid)  # clears the permitted and effective sets
     linux.clear_capabilities()  # and the inheritable one

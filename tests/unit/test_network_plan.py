@@ -318,3 +318,30 @@ def test_veth_names_fit_in_ifnamsiz() -> None:
     assert not egress.is_job_veth(longest)
     assert not egress.is_job_veth("bbbbbbbbb-XE38YM")
     assert not network.Egress("wn0", SUBNET, None, "").is_job_veth("wn00-XE38YM")
+
+
+def test_addresses_after_one_go_round_the_subnet_back_to_it() -> None:
+    egress = network.Egress("wn0", ipaddress.IPv4Network("10.0.0.0/28"), None, "")
+    everything = [str(a) for a in egress.addresses()]
+    after = ipaddress.IPv4Interface("10.0.0.9/28")
+    assert [str(a) for a in egress.addresses(after=after)] == everything[8:] + everything[:8]
+    last = ipaddress.IPv4Interface("10.0.0.14/28")  # the last: round to the first
+    assert [str(a) for a in egress.addresses(after=last)] == everything
+    outside = ipaddress.IPv4Interface("192.0.2.7/28")  # not of this subnet: from the first
+    assert [str(a) for a in egress.addresses(after=outside)] == everything
+
+
+def test_the_next_address_is_found_in_one_step_however_many_jobs_hold_one() -> None:
+    """The runner hands addresses out from the last one given: with a thousand held, finding
+    a free one looks at one candidate, not a thousand (a start must not slow down with the
+    number of running jobs)."""
+    egress = network.Egress("wn0", ipaddress.IPv4Network("10.0.0.0/20"), None, "")
+    held = set(itertools.islice(egress.addresses(), 1000))
+    last = max(held, key=lambda a: a.ip)
+    looked = 0
+    for candidate in egress.addresses(after=last):
+        looked += 1
+        if candidate not in held:
+            break
+    assert looked == 1
+    assert candidate.ip == last.ip + 1
