@@ -31,12 +31,14 @@ venv: $(STAMP)
 
 # What the runner's sandbox needs from the system, checked at every run (quietly): nft for the
 # jobs' egress firewall, ip for the tests' and the demo's networks, libseccomp (pyseccomp loads
-# it) for the jobs' system call filter.
+# it) for the jobs' system call filter, and systemd's tools (systemd-analyze, -sysusers,
+# -tmpfiles) for the tests of the units in deploy/.
 system-deps:
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; $(APT) update && $(APT) install $$missing; \
 	fi

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from shared.model import JobStatus
+
 logger = logging.getLogger("workernator")
 
 
@@ -59,3 +61,28 @@ def warning(message: str, **fields: object) -> None:
 
 def error(message: str, **fields: object) -> None:
     event(logging.ERROR, message, **fields)
+
+
+def job_fields(status: JobStatus) -> dict[str, object]:
+    """The fields every job event carries, alike in both daemons' journals: the job, its owner
+    and type, its state and, once it started, how long it ran (``duration_s``, to its end or to
+    now)."""
+    fields: dict[str, object] = {
+        "job": status.id,
+        "owner": status.owner,
+        "type": status.type,
+        "state": status.state.value,
+    }
+    if status.started_ns:
+        end = status.ended_ns or time.time_ns()
+        fields["duration_s"] = f"{max(0, end - status.started_ns) / 1e9:.3f}"
+    if status.exit_code is not None:
+        fields["exit_code"] = status.exit_code
+    if status.signal is not None:
+        fields["signal"] = status.signal
+    return fields
+
+
+def job(message: str, status: JobStatus, level: int = logging.INFO, **extra: object) -> None:
+    """One line for one job event ("job started", "job ended", ...), :func:`job_fields` first."""
+    event(level, message, **job_fields(status), **extra)

@@ -1,9 +1,11 @@
-"""What both daemons do alike: read the TOML config, set up logging, serve until signalled."""
+"""What both daemons do alike: read the TOML config, set up logging, serve until signalled,
+and tell systemd (``Type=notify``) when they are ready and when they stop."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from shared import log
+from shared.sdnotify import Notifier
 
 
 class Configured(Protocol):
@@ -41,8 +44,13 @@ def main(
     service: Callable[[C], Service],
     errors: tuple[type[Exception], ...],
     argv: list[str] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    command: Callable[[argparse.Namespace, C], int | None] | None = None,
 ) -> int:
-    """Run ``service`` until SIGTERM or SIGINT; ``errors`` become one line and exit status 1."""
+    """Run ``service`` until SIGTERM or SIGINT; ``errors`` become one line and exit status 1.
+
+    ``options`` may add command-line options; ``command`` then runs first, with the parsed
+    options and the config: an exit status it returns is the program's, and None serves."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--config",
@@ -50,8 +58,11 @@ def main(
         default=None,
         help=f"TOML config file (default: {default_path} if it exists)",
     )
+    if options is not None:
+        options(parser)
     args = parser.parse_args(argv)
     reported: tuple[type[Exception], ...] = (*errors, OSError, ServiceFailed)
+    notifier = Notifier.from_environ()
     try:
         if args.config is not None:
             cfg = load(args.config)
@@ -60,14 +71,18 @@ def main(
         else:
             cfg = default()
         log.setup(cfg.log_level)
-        asyncio.run(_serve(service, cfg))
+        if command is not None:
+            status = command(args, cfg)
+            if status is not None:
+                return status
+        asyncio.run(_serve(service, cfg, notifier))
     except reported as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(make: Callable[[C], Service], cfg: C) -> None:
+async def _serve(make: Callable[[C], Service], cfg: C, notifier: Notifier) -> None:
     """Serve until signalled; a service with a ``failed`` future (a reason, once it can no
     longer serve) also stops when that resolves, and the process exits 1."""
     # Signals first: one that comes while the service starts (its socket may already be there
@@ -83,9 +98,12 @@ async def _serve(make: Callable[[C], Service], cfg: C) -> None:
     if failed is not None:
         waiters.append(failed)
     try:
+        notifier.notify(READY=1, STATUS="serving")  # clients can connect from now on
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiters[0].cancel()
+        with contextlib.suppress(OSError):  # the manager is gone: stop all the same
+            notifier.notify(STOPPING=1, STATUS="stopping")
         await service.stop()
     if failed is not None and failed.done():
         raise ServiceFailed(failed.result())

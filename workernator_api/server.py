@@ -243,7 +243,7 @@ class JobService(pb_grpc.JobServiceServicer):
             clean = spec.validate(args)  # precise errors here, before the runner is asked
             limits = convert.start_request_limits(request)  # the runner checks its maxima
             job = await runner.start(identity.user, identity.role, job_type, clean, limits)
-            log.info("job started", job=job.id, type=job_type, user=identity.user)
+            log.job("job started", job, by=identity.user)
             return pb.StartJobResponse(job=convert.job_status(job, spec.title))
 
         return await self._call(context, request, start)
@@ -254,7 +254,7 @@ class JobService(pb_grpc.JobServiceServicer):
         async def stop(identity: authz.Identity, runner: RunnerClient) -> pb.StopJobResponse:
             await self._owned_job(runner, identity, authz.Action.STOP, request.job_id)
             job = await runner.stop(identity.user, identity.role, request.job_id)
-            log.info("job stopped", job=job.id, user=identity.user)
+            log.job("job stopped", job, by=identity.user)
             return pb.StopJobResponse(job=_status(job))
 
         return await self._call(context, request, stop, seconds=STOP_TIMEOUT_SECONDS)

@@ -10,9 +10,11 @@ Three layouts, detected at start (:func:`detect`):
 - **v1**: v1 hierarchies only; killing uses the ``freezer`` (freeze, SIGKILL each, thaw).
 
 Every job's processes are in one cgroup per hierarchy, named alike under a ``jobs`` directory:
-``<base>/jobs/<name>``. The base is ``workernator`` at the root of each hierarchy, or, on v2
-under systemd (``Delegate=yes``), the runner's own service cgroup: the runner then moves itself
-into a ``runner`` leaf beside ``jobs`` (a cgroup with children may hold no process on v2).
+``workernator/jobs/<name>`` at the root of each hierarchy, under systemd too. Not under the
+runner unit's own cgroup (``Delegate=yes``): on v2 that cgroup would then have controllers
+enabled for its children, and no process may join such a cgroup, so systemd (before 254's
+``DelegateSubgroup=``) could not start the runner again while a job runs: a restart would
+fail (status 219/CGROUP) instead of adopting the running jobs.
 
 A cgroup is made per *sandbox*, before its job exists (``sb-<monitor pid>``), and the
 sandbox's init joins it before it unshares its namespaces (the cgroup namespace is rooted
@@ -60,7 +62,6 @@ class Layout:
     jobs: dict[str, str]  # controller (or "unified") -> the jobs directory
     io_devices: tuple[str, ...] = ()  # "MAJ:MIN" of the disks behind the workspaces
     io_problem: str = ""  # why IO limits cannot apply, when they cannot
-    runner_leaf: str = ""  # v2 under systemd: the cgroup the runner moved itself into
 
     @property
     def unified(self) -> str | None:
@@ -289,14 +290,6 @@ def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
 
 
-def _own_cgroup_v2() -> str:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line[3:].strip()
-    return "/"
-
-
 def detect(workspaces: Path, *, use_freezer: bool = False) -> Layout:
     """Find the cgroup hierarchies, make the ``jobs`` directories and find the disks behind
     ``workspaces``. ``use_freezer`` makes a hybrid host kill as a v1-only one would (tests).
@@ -349,23 +342,14 @@ def _setup_v2(mount: str, available: set[str], devices: tuple[str, ...], io_prob
     controllers = [c for c in V2_CONTROLLERS if c in available]
     if "io" not in available and not io_problem:
         devices, io_problem = (), "the io controller is not available"
-    own = _own_cgroup_v2()
-    runner_leaf = ""
-    if os.environ.get("INVOCATION_ID") and own != "/":
-        # Under systemd with Delegate=yes: the subtree is ours. Out of the way into a leaf.
-        base = f"{mount}{own}"
-        runner_leaf = f"{base}/runner"
-        os.makedirs(runner_leaf, mode=0o755, exist_ok=True)
-        _write(f"{runner_leaf}/cgroup.procs", "0")
-    else:
-        base = f"{mount}/workernator"
-        os.makedirs(base, mode=0o755, exist_ok=True)
-        _enable(mount, controllers)
+    base = f"{mount}/workernator"
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    _enable(mount, controllers)
     _enable(base, controllers)
     jobs = f"{base}/jobs"
     os.makedirs(jobs, mode=0o755, exist_ok=True)
     _enable(jobs, controllers)
-    return Layout("v2", {"unified": jobs}, devices, io_problem, runner_leaf)
+    return Layout("v2", {"unified": jobs}, devices, io_problem)
 
 
 def _enable(cgroup: str, controllers: list[str]) -> None:

@@ -19,6 +19,8 @@ Example (``/etc/workernator/runner.toml``)::
     egress_bridge = "wn0"                    # bridge for jobs with network access ("" = none)
     egress_subnet = "10.92.0.0/16"           # their addresses; the bridge takes the first
     resolv_conf = "/etc/resolv.conf"         # name servers for egress jobs
+    keep_jobs_on_stop = false                # under systemd: a stop of the unit (not a
+                                             # restart) leaves running jobs running too
 
     [limits]                                 # a job's cgroup: what it gets when it does not
     cpu = 1.0                                # ask (CPUs), and the most it may ask for
@@ -78,6 +80,7 @@ class RunnerConfig:
     egress_bridge: str = "wn0"
     egress_subnet: ipaddress.IPv4Network = DEFAULT_EGRESS_SUBNET
     resolv_conf: Path = Path("/etc/resolv.conf")
+    keep_jobs_on_stop: bool = False
     limits: Policy = DEFAULT_POLICY
 
     @property
@@ -250,6 +253,8 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             if subnet.prefixlen > 28:
                 raise ConfigError(f"{name}: must have room for jobs (a /28 or larger)")
             kw[key] = subnet
+        elif key == "keep_jobs_on_stop":
+            kw[key] = _expect(value, bool, name)
         elif key == "job_user":
             user = _expect(value, str, name)
             if not user:

@@ -7,6 +7,7 @@ frame gets an error frame and closes that connection only.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -22,7 +23,7 @@ from shared import protocol as p
 from shared.errors import ErrorCode, WorkernatorError
 from shared.model import OutputChunk
 from workernator_runner import config as config_mod
-from workernator_runner import files
+from workernator_runner import files, unitstop
 from workernator_runner.manager import JobManager
 
 MAX_REQUESTS_PER_CONNECTION = 256
@@ -154,7 +155,7 @@ class _Session:
             await self.send(p.JobReply(rid, job))
         elif isinstance(args, p.JobRef) and request.op is p.Op.STOP:
             job = await m.stop(args.job_id)
-            log.info("job stopped", job=args.job_id, by=request.caller.user)
+            log.job("job stopped", job, by=request.caller.user)
             await self.send(p.JobReply(rid, job))
         elif isinstance(args, p.JobRef):
             await self.send(p.JobReply(rid, m.status(args.job_id)))
@@ -304,6 +305,21 @@ def _remove_stale_socket(directory: int, path: Path) -> None:
     raise config_mod.ConfigError(f"another runner is already listening on {path}")
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--after-stop",
+        metavar="UNIT",
+        help="run as the systemd unit's ExecStopPost=: end the running jobs when UNIT is being "
+        "stopped (not restarted), unless keep_jobs_on_stop is set; then exit",
+    )
+
+
+def _command(args: argparse.Namespace, cfg: config_mod.RunnerConfig) -> int | None:
+    if args.after_stop is None:
+        return None  # serve
+    return unitstop.after_stop(cfg, args.after_stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     return service.main(
         prog="workernator-runner",
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         service=Server,
         errors=(config_mod.ConfigError, files.UnsafePath),
         argv=argv,
+        options=_options,
+        command=_command,
     )
 
 

@@ -23,6 +23,7 @@ import builtins
 import contextlib
 import dataclasses
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -101,7 +102,7 @@ class JobManager:
         # Made, or checked that nobody but root could have changed them (files.UnsafePath).
         for path in (cfg.state_dir, cfg.jobs_dir, cfg.workspaces_dir, cfg.sandbox_dir):
             os.close(files.open_dir(path, 0o700))
-        # First, and before the launcher: under systemd this moves the runner into its leaf.
+        # Before the launcher, which gets the layout.
         self.cgroups = cgroups.detect(cfg.workspaces_dir, use_freezer=self._use_freezer)
         log.info(
             "runner starting",
@@ -242,7 +243,7 @@ class JobManager:
             return
         self._hold_address(job)
         if self._watch_monitor(job):
-            log.info("adopted running job", job=request.id, monitor=state.monitor_pid)
+            log.job("adopted running job", job.status, monitor=state.monitor_pid)
 
     # --- watching monitors and directories ----------------------------------------------------
 
@@ -341,13 +342,7 @@ class JobManager:
         if job.state.state.finished:
             self._unwatch(job)
         if job.state.state.finished and not was_finished and job.request.id in self._jobs:
-            log.info(
-                "job ended",
-                job=job.request.id,
-                state=job.state.state.value,
-                exit_code=job.state.exit_code,
-                signal=job.state.signal,
-            )
+            log.job("job ended", job.status)
         job.notify()
 
     def _lost(self, job: _Job) -> None:
@@ -364,7 +359,7 @@ class JobManager:
         job.state.state = JobState.FAILED
         job.state.ended_ns = job.state.ended_ns or time.time_ns()
         job.state.error = "the job's monitor ended unexpectedly; the job was lost"
-        log.error("job lost", job=job.request.id)
+        log.job("job lost", job.status, logging.ERROR)
         try:  # its monitor, the only other writer, is gone: what it left half-made goes too
             store.remove_temps(job.dir)
             store.write_state(job.dir, job.state)
@@ -475,10 +470,10 @@ class JobManager:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
-        log.info("job started", job=job_id, type=job_type, owner=owner, pid=job.state.job_pid)
+        log.job("job started", job.status, pid=job.state.job_pid)
         if job.state.state.finished:  # a very short job may have ended already
             self._unwatch(job)
-            log.info("job ended", job=job_id, state=job.state.state.value)
+            log.job("job ended", job.status)
         else:  # an end recorded from now on is seen: the directory was watched before
             self._watch_monitor(job)
         return job.status
@@ -504,7 +499,7 @@ class JobManager:
             return job.status
         with contextlib.suppress(ProcessLookupError):  # it has just exited: nothing to stop
             signal.pidfd_send_signal(job.pidfd, signal.SIGTERM)
-        log.info("stopping job", job=job_id)
+        log.job("stopping job", job.status)
         deadline = time.monotonic() + self.config.stop_grace_seconds + STOP_MARGIN_SECONDS
         while not job.state.state.finished:
             changed = job.changed

@@ -73,9 +73,12 @@ class StartFailed(Exception):
 def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     """A monitor's life: a prepared sandbox, then one job until its recorded end."""
     os.setsid()
+    # Nothing of the runner's: its stderr is, under systemd, a journal stream of that one
+    # invocation, which a monitor would keep open (and log under) long after a restart. What
+    # a monitor has to say goes to the launcher (a spare's failure) or into the job's state.
     null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     os.close(null)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)

@@ -31,6 +31,7 @@ def test_runner_config_file_is_parsed(tmp_path: Path) -> None:
         "stop_grace_seconds = 2\n"
         'job_modules = ["a.b"]\n'
         'log_level = "DEBUG"\n'
+        "keep_jobs_on_stop = true\n"
     )
     cfg = runner_config.load(path)
     assert cfg.socket == Path("/tmp/x.sock")
@@ -39,6 +40,8 @@ def test_runner_config_file_is_parsed(tmp_path: Path) -> None:
     assert cfg.stop_grace_seconds == 2.0
     assert cfg.job_modules == ("a.b",)
     assert cfg.log_level == "debug"
+    assert cfg.keep_jobs_on_stop is True
+    assert runner_config.RunnerConfig().keep_jobs_on_stop is False  # a stop ends jobs
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,7 @@ def test_runner_config_file_is_parsed(tmp_path: Path) -> None:
         ("[runner]\nstop_grace_seconds = true\n", "got a boolean"),
         ("[runner]\nlog_level = 'loud'\n", "debug, info, warning or error"),
         ("[runner]\nsokcet = '/x'\n", "unknown key(s): sokcet"),
+        ("[runner]\nkeep_jobs_on_stop = 'yes'\n", "keep_jobs_on_stop: expected <class 'bool'>"),
         ("[runer]\n", "unknown section(s): runer"),
         ("[runner\n", "runner.toml"),
     ],
