@@ -170,6 +170,9 @@ def _payload(work: Path, wheels: Path, certs: Path) -> Path:
     (source / "tls").mkdir()
     for name in ("server.pem", "server-key.pem", "client-ca.pem"):
         shutil.copy(certs / name, source / "tls" / name)
+    (source / "test").mkdir()
+    for name in ("guest_probe.py", "guest_start.py"):
+        shutil.copy(Path(__file__).with_name(name), source / "test" / name)
     disk = work / "payload.img"
     make_disk(source, disk)
     shutil.rmtree(source)
@@ -185,6 +188,15 @@ mkdir -p /mnt/payload && mount -o ro /dev/vdb /mnt/payload
 install -o root -g workernator-api -m 0640 /mnt/payload/tls/server.pem /mnt/payload/tls/client-ca.pem /etc/workernator/tls/
 install -o workernator-api -g workernator-api -m 0600 /mnt/payload/tls/server-key.pem /etc/workernator/tls/
 """  # noqa: E501
+# The one addition to the operator's steps: a job type that allocates, for the memory limit
+# (guest_probe.py), loaded by the runner as an extra job module.
+TEST_JOB_MODULE = r"""
+set -e
+site=$(/opt/workernator/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+install -m 0644 /mnt/payload/test/guest_probe.py "$site/wn_vmprobe.py"
+sed -i 's/^\[runner\]$/[runner]\njob_modules = ["wn_vmprobe"]/' /etc/workernator/runner.toml
+grep -q '^job_modules = \["wn_vmprobe"\]$' /etc/workernator/runner.toml
+"""
 ENABLE = f"systemctl enable --now {UNITS}"
 
 
@@ -211,13 +223,17 @@ def system(wheelhouse: Path) -> Iterator[System]:
     try:
         vm.start()
         TIMINGS["boot"] = vm.timings["boot"]
-        step = time.monotonic()
-        vm.run(INSTALL, timeout=600)
-        TIMINGS["install.sh + TLS files"] = time.monotonic() - step
-        step = time.monotonic()
-        vm.run(ENABLE, timeout=300)
-        TIMINGS["systemctl enable --now"] = time.monotonic() - step
-        system.start_test_host()
+        try:
+            step = time.monotonic()
+            vm.run(INSTALL, timeout=600)
+            vm.run(TEST_JOB_MODULE)
+            TIMINGS["install.sh + TLS files"] = time.monotonic() - step
+            step = time.monotonic()
+            vm.run(ENABLE, timeout=300)
+            TIMINGS["systemctl enable --now"] = time.monotonic() - step
+            system.start_test_host()
+        except GuestError as exc:
+            raise GuestError(f"{exc}\n--- journal ---\n{system.journal()}") from None
         yield system
         step = time.monotonic()
         vm.poweroff()
@@ -231,12 +247,14 @@ def system(wheelhouse: Path) -> Iterator[System]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed VM test's report ends with the console's last lines and the units' journal."""
-    outcome = yield
+    outcome: Any = yield
     report: pytest.TestReport = outcome.get_result()
     funcargs = getattr(item, "funcargs", {})
     system = funcargs.get("system")
     if report.failed and isinstance(system, System):
-        report.sections.append(("VM: journalctl -u workernator-runner -u workernator-api", system.journal()))
+        report.sections.append(
+            ("VM: journalctl -u workernator-runner -u workernator-api", system.journal())
+        )
         report.sections.append(("VM: serial console", system.vm.console_tail(80)))
 
 

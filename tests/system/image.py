@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -102,11 +103,10 @@ class BaseImage:
 
 
 def recipe_key() -> str:
-    """The hash of everything that goes into the image."""
-    digest = hashlib.sha256()
-    for part in (SUITE, DISK_SIZE, ",".join(PACKAGES)):
-        digest.update(part.encode() + b"\0")
-    digest.update(Path(__file__).read_bytes())
+    """The hash of everything that goes into the image: packages, files, units, the steps."""
+    recipe = (SUITE, DISK_SIZE, PACKAGES, sorted(FILES.items()), ENABLE, MASK)
+    digest = hashlib.sha256(repr(recipe).encode())
+    digest.update(inspect.getsource(_build).encode())
     digest.update(_AGENT.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -178,7 +178,9 @@ def _build(work: Path) -> None:
     (initrd,) = sorted((root / "boot").glob("initrd.img-*"))
     shutil.copyfile(kernel, work / "vmlinuz")
     shutil.copyfile(initrd, work / "initrd.img")
-    _run("mkfs.ext4", "-q", "-L", "wn-root", "-d", str(root), "-F", str(work / "disk.img"), DISK_SIZE)
+    _run(
+        "mkfs.ext4", "-q", "-L", "wn-root", "-d", str(root), "-F", str(work / "disk.img"), DISK_SIZE
+    )
     shutil.rmtree(root)
 
 

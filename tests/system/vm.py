@@ -38,6 +38,11 @@ class Result:
     out: str
 
 
+def _short_tmpdir() -> Path:
+    """In /tmp: the channel's Unix socket path must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="wn-vm-", dir="/tmp"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +69,9 @@ class VM:
     base: BaseImage
     payload: Path | None = None  # an ext4 image, /dev/vdb in the guest
     forwards: dict[int, int] = field(default_factory=dict)  # host port on 127.0.0.1 -> guest port
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="wn-vm-", dir="/tmp")))
+    workdir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="wn-vm-", dir="/tmp"))
+    )
     process: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _channel: socket.socket | None = None
@@ -81,12 +88,25 @@ class VM:
         began = time.monotonic()
         overlay = self.workdir / "overlay.qcow2"
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.base.disk), str(overlay)],
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                str(self.base.disk),
+                str(overlay),
+            ],
             check=True,
             capture_output=True,
         )
         channel = self.workdir / "channel.sock"
-        hostfwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-{GUEST_ADDRESS}:{g}" for h, g in self.forwards.items())
+        hostfwd = "".join(
+            f",hostfwd=tcp:127.0.0.1:{h}-{GUEST_ADDRESS}:{g}" for h, g in self.forwards.items()
+        )
         argv = [
             "qemu-system-x86_64",
             "-accel", "tcg,thread=multi",
