@@ -72,9 +72,9 @@ class System:
 
     def start(self, *args: str) -> str:
         """Start a job (``jobs start ARGS``); its id."""
-        out = self.cli("jobs", "start", *args)
-        assert out.startswith("Started ") and ", ID: " in out, out
-        return out.split(", ID: ")[1].strip()
+        first = self.cli("jobs", "start", *args).splitlines()[0]
+        assert first.startswith("Started ") and ", ID: " in first, first
+        return first.split(", ID: ")[1].strip()
 
     def status(self, job_id: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.cli("jobs", "status", job_id, "-o", "json"))

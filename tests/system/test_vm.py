@@ -78,9 +78,9 @@ def test_a_job_over_its_memory_limit_is_oom_killed(system: System) -> None:
     under = _runner_job(system, megabytes=16, memory_limit_mb=64)
     system.timings["memory limit"] = time.monotonic() - began
     assert over["oom_killed"] is True, over
-    assert over["state"] == "failed" and "out of memory" in over["error"], over
+    assert over["state"] == "FAILED" and "out of memory" in over["error"], over
     assert over["peak_memory_bytes"] <= 64 << 20, over
-    assert under["state"] == "completed" and not under["oom_killed"], under
+    assert under["state"] == "COMPLETED" and not under["oom_killed"], under
 
 
 def test_a_cpu_bound_job_is_throttled(system: System) -> None:
@@ -107,7 +107,7 @@ def test_the_api_runs_as_its_own_user(system: System) -> None:
     for unit in ("workernator-api", "workernator-runner"):
         pid = system.guest(f"systemctl show -P MainPID {unit}").strip()
         assert pid not in ("", "0"), f"{unit} has no main process"
-        users[unit] = system.guest(f"ps -o user=,group= -p {pid}").split()
+        users[unit] = system.guest(f"ps -o user:32=,group:32= -p {pid}").split()
     assert users["workernator-api"] == ["workernator-api", "workernator-api"]
     assert users["workernator-runner"] == ["root", "root"]
 
