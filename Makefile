@@ -1,5 +1,6 @@
 # Workernator. `make demo` and `make test` work on a fresh Debian/Ubuntu machine as root:
-# they install what they need themselves (Debian packages, a .venv with the project).
+# they install what they need themselves (a few Debian packages, without recommends; a .venv
+# with the project). `make install` installs it for real (deploy/install.sh).
 
 # The system Python when it is new enough: the venv must be usable by the api's unprivileged
 # user, and an interpreter under /root (pyenv) is not.
@@ -8,9 +9,12 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; assert sys.version_info >= (3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
+APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q --no-install-recommends
+WHEELS := dist
+PREFIX := /opt/workernator
 
-.PHONY: all venv system-deps lint test test-unit proto proto-check buf-lint demo clean
+.PHONY: all venv system-deps lint test test-unit proto proto-check buf-lint demo clean \
+        wheels install uninstall
 
 all: test
 
@@ -44,6 +48,8 @@ system-deps:
 	fi
 
 lint: $(STAMP)
+	@command -v shellcheck >/dev/null || { $(APT) update && $(APT) install shellcheck; }
+	shellcheck deploy/*.sh scripts/*.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -58,9 +64,8 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/check_proto.sh
 
-# buf lint of the proto (buf comes from the npm registry, into .buf/).
-buf-lint:
-	@command -v npm >/dev/null || { $(APT) update && $(APT) install npm; }
+# buf lint of the proto (buf is the dev dependency buf-bin, in the venv).
+buf-lint: $(STAMP)
 	bash scripts/buf_lint.sh
 
 test: system-deps lint
@@ -69,9 +74,24 @@ test: system-deps lint
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -ra tests/unit
 
-# Build, start the runner (root) and the api (unprivileged), run each job type from the CLI.
+# Install into a directory of its own (deploy/install.sh --code-only), start the runner (root)
+# and the api (unprivileged) from there, run each job type from the CLI, remove it all.
 demo: system-deps $(STAMP)
 	bash scripts/demo.sh
 
+# The project's wheel and its dependencies' wheels, in dist/: what deploy/install.sh installs.
+wheels: $(STAMP)
+	bash scripts/build_wheels.sh $(WHEELS)
+
+# Code in $(PREFIX), the units, users, directories and example configs (deploy/install.sh);
+# enables and starts nothing: see docs/operations.md.
+install: system-deps wheels
+	bash deploy/install.sh --prefix $(PREFIX) --wheels $(WHEELS)
+
+# Removes the code and the units; keeps configs, state and users (deploy/uninstall.sh --purge
+# removes them too).
+uninstall:
+	bash deploy/uninstall.sh --prefix $(PREFIX)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis $(WHEELS)

@@ -78,29 +78,59 @@ WHEEL=$WHEELS/$WHEEL
     die "$PYTHON cannot make a virtualenv (apt-get install --no-install-recommends python3-venv)"
 
 VENV=$ROOT$PREFIX
+MADE_VENV=
+# A failure before the code is in place leaves no half-made virtualenv of this run behind.
+remove_new_venv() {
+    local status=$?
+    if [[ $status -ne 0 && -n $MADE_VENV ]]; then
+        rm -rf "$VENV"
+        echo "install: error: nothing installed; removed the new $VENV" >&2
+    fi
+    exit "$status"
+}
+trap remove_new_venv EXIT
 version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 if [[ ! -f $VENV/pyvenv.cfg ]]; then
     if [[ -e $VENV && -n $(ls -A "$VENV") ]]; then
         die "$VENV exists and is not a virtualenv; remove it or choose another --prefix"
     fi
     say "making a virtualenv at $VENV ($PYTHON $(version_of "$PYTHON"))"
+    [[ -e $VENV ]] || MADE_VENV=1
     "$PYTHON" -m venv "$VENV"
 elif [[ $(version_of "$VENV/bin/python") != "$(version_of "$PYTHON")" ]]; then
     # The system Python moved on (a release upgrade): the old venv cannot run any more.
     say "remaking the virtualenv at $VENV for $PYTHON $(version_of "$PYTHON")"
     "$PYTHON" -m venv --clear "$VENV"
 fi
-say "installing $(basename "$WHEEL") into $VENV (offline, from $WHEELS)"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
-"${PIP[@]}" install --no-index --find-links "$WHEELS" --no-warn-script-location "$WHEEL"
-# The same version rebuilt from a changed checkout is new code too: always put this wheel in.
-"${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+# The wheel's digest, kept in the venv: the same version rebuilt from a changed checkout is new
+# code too, and the very same wheel needs no pip at all.
+STAMP=$VENV/.workernator-wheel
+DIGEST="$(sha256sum <"$WHEEL" | cut -d' ' -f1) $(basename "$WHEEL")"
+if [[ -f $STAMP && $(<"$STAMP") == "$DIGEST" ]]; then
+    say "$(basename "$WHEEL") is already installed in $VENV"
+else
+    say "installing $(basename "$WHEEL") into $VENV (offline, from $WHEELS)"
+    rm -f "$STAMP"
+    PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
+    "${PIP[@]}" install --no-index --find-links "$WHEELS" --no-warn-script-location "$WHEEL"
+    "${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+    echo "$DIGEST" >"$STAMP"
+fi
 for command in workernator workernator-api workernator-runner; do
     "$VENV/bin/$command" --help >/dev/null || die "$VENV/bin/$command does not run"
 done
+MADE_VENV=  # the code is in place: from here on, a failure keeps it
 if [[ -n $CODE_ONLY ]]; then
     say "done: $VENV/bin/workernator-runner, workernator-api, workernator"
     exit 0
+fi
+
+# What the runner needs from the system, said once (apt-get install --no-install-recommends ...).
+if [[ -z $ROOT ]]; then
+    export PATH=$PATH:/usr/sbin:/sbin
+    ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2 ' >/dev/null ||
+        say "warning: libseccomp2 is missing: the runner cannot filter jobs' system calls and will not start"
+    command -v nft >/dev/null || say "warning: nft (nftables) is missing: wait jobs will be refused"
 fi
 
 # --- 2. units, sysusers.d, tmpfiles.d --------------------------------------------------------
@@ -109,7 +139,7 @@ copy_dir() { # copy_dir SRC_DIR GLOB DEST_DIR: the shipped files, 0644, paths fi
     install -d -m 0755 "$dest"
     for file in "$HERE/$src"/$glob; do
         [[ -f $file ]] || continue
-        sed "s|$UNIT_PREFIX/|$PREFIX/|g" "$file" >"$dest/.$(basename "$file").tmp"
+        sed -E "s#$UNIT_PREFIX(/|\$|[[:space:]\"'])#$PREFIX\1#g" "$file" >"$dest/.$(basename "$file").tmp"
         chmod 0644 "$dest/.$(basename "$file").tmp"
         mv -f "$dest/.$(basename "$file").tmp" "$dest/$(basename "$file")"
         say "installed $dest/$(basename "$file")"

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # A tour of Workernator on this machine (`make demo`, as root, once the .venv exists).
 #
-# 1. Creates .demo/ in the checkout: certificates (`workernator certs init`: a server CA and a
-#    client CA, their keys in .demo/certs/ca/, which the api cannot enter), configs, logs, and
-#    the runner's state.
+# 1. Makes a directory of its own, /var/tmp/workernator-demo.XXXXXX (0755), and installs the
+#    project there the way a host gets it: scripts/build_wheels.sh, then
+#    `deploy/install.sh --code-only` (a virtualenv of the system Python). So it works from any
+#    checkout, a clone under /root (0700) or in a `mktemp -d` directory included: the api's user
+#    reads the installed copy, never the checkout. Certificates (`workernator certs init`: a
+#    server CA and a client CA, their keys in certs/ca/, which the api cannot enter), configs,
+#    logs and the runner's state go there too.
 # 2. Creates the unprivileged system users workernator-demo (for the api) and workernator-job
 #    (the runner's job_user) if they do not exist (they stay).
 # 3. Starts workernator-runner as root, with an egress bridge of its own (wndemo, on a free /24
-#    of 10.93.0.0/16), and workernator-api as workernator-demo on 127.0.0.1.
+#    of 10.93.0.0/16), and workernator-api as workernator-demo on 127.0.0.1, both from the
+#    installed copy.
 # 4. Makes a test host for the wait job to POST to: a network namespace (wndemo-host) whose veth
 #    is attached to the bridge, with the subnet's last address, running a tiny HTTP server as
 #    workernator-demo on port 8080. Jobs cannot reach the host itself (127.0.0.1 included), but
@@ -18,19 +23,12 @@
 # 6. On exit, even after an error or Ctrl-C: stops the jobs still running, kills only the
 #    processes it started, deletes the test host, and once the runner has stopped, the bridge
 #    and its nftables table (inet workernator_wndemo); restores net.ipv4.ip_forward if the
-#    runner changed it; removes .demo/ (keep it with WORKERNATOR_DEMO_KEEP=1).
-#
-# The api runs unprivileged, so workernator-demo must be able to read the code and the venv. When
-# only the venv's interpreter is out of its reach (a pyenv under /root), the api runs on the
-# system Python of the same version with the venv's packages; when the checkout itself is out of
-# reach (a clone under /root, mode 0700), the script explains and stops: it never opens up a
-# home directory.
+#    runner changed it; removes its directory, the installed copy included (keep it with
+#    WORKERNATOR_DEMO_KEEP=1).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$ROOT/.venv}
-PY=$VENV/bin/python
-DEMO=$ROOT/.demo
+BUILD_PY=${VENV:-$ROOT/.venv}/bin/python  # builds the wheels; runs nothing of the demo
 DEMO_USER=workernator-demo
 JOB_USER=workernator-job
 BRIDGE=wndemo           # the runner's egress_bridge; its nftables table is inet workernator_wndemo
@@ -43,7 +41,7 @@ IP_FORWARD=/proc/sys/net/ipv4/ip_forward
 die() { echo "demo: $*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run me as root (the runner needs root): sudo make demo"
-[[ -x $PY ]] || die "no virtualenv at $VENV; run 'make venv' first"
+[[ -x $BUILD_PY ]] || die "no virtualenv at ${BUILD_PY%/bin/python}; run 'make venv' first"
 command -v setpriv >/dev/null || die "setpriv (util-linux) is needed to start the api unprivileged"
 command -v ip >/dev/null || die "ip (iproute2) is needed; 'make demo' installs it"
 command -v nft >/dev/null || die "nft (nftables) is needed; 'make demo' installs it"
@@ -61,51 +59,19 @@ if ! id -u "$JOB_USER" >/dev/null 2>&1; then
         --shell /usr/sbin/nologin "$JOB_USER"
 fi
 
-# Run a command as the demo user, from /, in a clean environment (plus the NAME=VALUE words of
-# API_ENV), replacing the current (sub)shell: the command's PID is the subshell's. AS_PREFIX is
-# run first, as root (`ip netns exec NAME`, which also execs).
-API_ENV=()
+# Run a command as the demo user, from /, in a clean environment, replacing the current
+# (sub)shell: the command's PID is the subshell's. AS_PREFIX is run first, as root
+# (`ip netns exec NAME`, which also execs).
 AS_PREFIX=()
 exec_as_demo_user() {
     cd /
     exec "${AS_PREFIX[@]}" \
         setpriv --reuid="$DEMO_USER" --regid="$DEMO_GROUP" --init-groups --inh-caps=-all -- \
-        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/ LANG="${LANG:-C.UTF-8}" \
-        "${API_ENV[@]}" "$@"
+        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/ LANG="${LANG:-C.UTF-8}" "$@"
 }
-can_run_api() { (exec_as_demo_user "$1" -c 'import workernator_api.server') >/dev/null 2>&1; }
-
-# Which Python can the api's user run? The venv's, normally. When the venv's interpreter lives
-# where that user cannot go (a pyenv under /root, say) but the checkout itself is readable, the
-# system Python of the same version runs the venv's packages: nothing is opened up for it.
-API_PY=$PY
-if ! can_run_api "$API_PY"; then
-    VERSION=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    API_PY=
-    for candidate in "/usr/bin/python$VERSION" "/usr/local/bin/python$VERSION"; do
-        [[ -x $candidate ]] || continue
-        API_ENV=("PYTHONPATH=$ROOT:$VENV/lib/python$VERSION/site-packages")
-        if can_run_api "$candidate"; then
-            API_PY=$candidate
-            echo "demo: $DEMO_USER cannot run $PY; the api runs on $API_PY with the venv's packages"
-            break
-        fi
-        API_ENV=()
-    done
-fi
-if [[ -z $API_PY ]]; then
-    cat >&2 <<EOF
-demo: user $DEMO_USER cannot run $PY or read the code in $ROOT.
-      The api runs unprivileged (that is the point), so the checkout, its .venv and the
-      Python the venv was made from must be readable by other users, and every directory
-      above them searchable. Here they are not (a checkout or a pyenv under /root, mode 0700,
-      is the usual cause). Clone Workernator somewhere like /opt or /srv and make its venv
-      with the system python3; this script will not open up your home directory.
-EOF
-    exit 1
-fi
 
 # --- cleanup ---------------------------------------------------------------------------------
+DEMO=
 PIDS=()
 RUNNER_PID=
 API_PID=
@@ -169,10 +135,12 @@ cleanup() {
             [[ -s $log ]] && { echo "--- last lines of $log:"; tail -n 20 "$log"; } >&2
         done
     fi
-    if [[ ${WORKERNATOR_DEMO_KEEP:-} == 1 ]]; then
+    if [[ -z $DEMO ]]; then
+        :
+    elif [[ ${WORKERNATOR_DEMO_KEEP:-} == 1 ]]; then
         echo "demo: kept $DEMO" >&2
     else
-        rm -rf "$DEMO" "${RUN_DIR_TMP:-}"
+        rm -rf "$DEMO"
     fi
     exit "$status"
 }
@@ -180,13 +148,20 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- files -----------------------------------------------------------------------------------
-if [[ -e $DEMO ]]; then
-    echo "demo: removing $DEMO left by an earlier run"
-    rm -rf "$DEMO"
-fi
-mkdir -m 0755 "$DEMO"
+# --- the demo's directory and the installed copy ---------------------------------------------
+DEMO=$(mktemp -d /var/tmp/workernator-demo.XXXXXX)
+chmod 0755 "$DEMO"
 mkdir -m 0700 "$DEMO/state"
+mkdir -m 0755 "$DEMO/run"
+echo "demo: installing Workernator into $DEMO/venv (scripts/build_wheels.sh, then deploy/install.sh --code-only)"
+PYTHON=$BUILD_PY bash "$ROOT/scripts/build_wheels.sh" "$DEMO/wheels" >/dev/null
+bash "$ROOT/deploy/install.sh" --code-only --prefix "$DEMO/venv" --wheels "$DEMO/wheels" >/dev/null
+rm -rf "$DEMO/wheels"
+PY=$DEMO/venv/bin/python
+CLI=("$DEMO/venv/bin/workernator")
+if ! (exec_as_demo_user "$PY" -c 'import workernator_api.server') >/dev/null 2>&1; then
+    die "$DEMO_USER cannot run the api installed in $DEMO/venv (is /var/tmp closed to other users?)"
+fi
 
 if netns_exists "$NETNS" || link_exists "$HOST_LINK" || link_exists "$BRIDGE" ||
     nft list table inet "$TABLE" >/dev/null 2>&1; then
@@ -222,22 +197,7 @@ EOF
 [[ -n $SUBNET ]] || die "no free /24 in 10.93.0.0/16 for the jobs' network"
 TEST_HOST=${SUBNET%.0/24}.254
 
-# A Unix socket path must fit in 108 bytes; a deep checkout gets its run directory in /tmp.
-RUN_DIR=$DEMO/run
-if (( ${#RUN_DIR} > 80 )); then
-    RUN_DIR_TMP=$(mktemp -d /tmp/workernator-demo.XXXXXX)
-    RUN_DIR=$RUN_DIR_TMP
-else
-    mkdir "$RUN_DIR"
-fi
-chmod 0755 "$RUN_DIR"
-SOCKET=$RUN_DIR/runner.sock
-
-if [[ -x $VENV/bin/workernator ]]; then
-    CLI=("$VENV/bin/workernator")
-else
-    CLI=("$PY" -m workernator_api.cli)
-fi
+SOCKET=$DEMO/run/runner.sock
 
 echo "demo: certificates for the api (localhost, 127.0.0.1), alice (user), carol (viewer), admin"
 "${CLI[@]}" certs init "$DEMO/certs" --server-name localhost --server-name 127.0.0.1 \
@@ -279,7 +239,7 @@ chmod 0644 "$DEMO/runner.toml" "$DEMO/api.toml"
 echo "demo: starting workernator-runner (root), socket $SOCKET, jobs' network $SUBNET on $BRIDGE"
 IP_FORWARD_BEFORE=$(<"$IP_FORWARD")  # the runner turns forwarding on for the jobs' network
 RUNNER_STARTED=1
-(cd / && exec setsid "$PY" -m workernator_runner.daemon --config "$DEMO/runner.toml") \
+(cd / && exec setsid "$DEMO/venv/bin/workernator-runner" --config "$DEMO/runner.toml") \
     >"$DEMO/runner.log" 2>&1 &
 RUNNER_PID=$!
 PIDS+=("$RUNNER_PID")
@@ -293,7 +253,7 @@ done
 echo "demo: starting workernator-api as $DEMO_USER on 127.0.0.1:$PORT"
 touch "$DEMO/api.log" && chown "$DEMO_USER" "$DEMO/api.log"
 (AS_PREFIX=(setsid) &&
-    exec_as_demo_user "$API_PY" -m workernator_api.server --config "$DEMO/api.toml") \
+    exec_as_demo_user "$DEMO/venv/bin/workernator-api" --config "$DEMO/api.toml") \
     >>"$DEMO/api.log" 2>&1 &
 API_PID=$!
 PIDS+=("$API_PID")
@@ -329,7 +289,7 @@ ip -n "$NETNS" link set eth0 up
 
 # A tiny HTTP server on the test host: answers every POST with 200, prints its port first.
 echo "demo: starting a tiny HTTP server on $TEST_HOST:$HTTP_PORT (as $DEMO_USER) for the wait job"
-(API_ENV=() && AS_PREFIX=(setsid ip netns exec "$NETNS") && exec_as_demo_user python3 -c '
+(AS_PREFIX=(setsid ip netns exec "$NETNS") && exec_as_demo_user "$PY" -c '
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):

@@ -66,14 +66,17 @@ def short_tmpdir(prefix: str) -> Path:
 @pytest.fixture(scope="session")
 def wheelhouse() -> Iterator[Path]:
     """This checkout built as a wheel, with its dependencies' wheels: what `make wheels` makes
-    and deploy/install.sh installs from (offline)."""
+    (scripts/build_wheels.sh) and deploy/install.sh installs from, offline."""
     path = short_tmpdir("wn-wheels-")
     try:
-        subprocess.run(
-            [*PIP_WHEEL, "--wheel-dir", str(path), str(ROOT)],
-            check=True,
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(path)],
+            env=dict(os.environ, PYTHON=sys.executable),
             capture_output=True,
+            text=True,
+            check=False,
         )
+        assert result.returncode == 0, result.stdout + result.stderr
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -356,13 +356,13 @@ def _listen(args: Mapping[str, Any]) -> None:
             print(json.dumps({"peer": peer[0]}), flush=True)
 
 
-def _burn(args: Mapping[str, Any]) -> None:
-    """Spin on the CPU for ``seconds`` of wall time."""
-    deadline = time.monotonic() + args["seconds"]
-    spins = 0
-    while time.monotonic() < deadline:
-        spins += 1
-    print(json.dumps({"spins": spins}), flush=True)
+def _spin(args: Mapping[str, Any]) -> None:
+    """Spin until this process has used ``cpu_seconds`` of CPU; print the wall time it took
+    (throttling stretches it; a busy host only ever makes it longer)."""
+    start = time.monotonic()
+    while time.process_time() < args["cpu_seconds"]:
+        pass
+    print(json.dumps({"wall": time.monotonic() - start}), flush=True)
 
 
 def _hog(args: Mapping[str, Any]) -> None:
@@ -417,7 +417,7 @@ _CONNECT_ARGS = (
     ArgSpec("timeout", ArgKind.FLOAT, "", required=False),
 )
 JOBS += (
-    Job(JobSpec("burn", "Burn", "spins", (ArgSpec("seconds", ArgKind.FLOAT, ""),)), _burn),
+    Job(JobSpec("spin", "Spin", "uses CPU", (ArgSpec("cpu_seconds", ArgKind.FLOAT, ""),)), _spin),
     Job(JobSpec("hog", "Hog", "allocates", (ArgSpec("megabytes", ArgKind.INT, ""),)), _hog),
     Job(
         JobSpec(

@@ -225,11 +225,17 @@ class JobManager:
         self._watch(job)  # before reading the state, so an end recorded meanwhile is seen
         try:
             state = store.read_state(job_dir)
-        except ValueError as exc:
+        except ValueError as exc:  # replaced whole by every writer: corrupt, not half-written
             log.error("unreadable job state", job=request.id, error=str(exc))
-            state = None
+            state = store.StateFile(
+                state=JobState.FAILED, error=f"the job's state was unreadable: {exc}"
+            )
+            try:
+                store.write_state(job_dir, state)
+            except OSError as write_exc:  # it is served from memory until the next start
+                log.error("job state not replaced", job=request.id, error=str(write_exc))
         if state is None:
-            # The runner stopped while this job was starting (or its state is unreadable).
+            # The runner stopped while this job was starting.
             state = store.StateFile(
                 state=JobState.FAILED, error="the job's state was lost while it was starting"
             )

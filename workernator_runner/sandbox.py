@@ -14,10 +14,10 @@ Per job, once the monitor sent the job (:class:`JobSetup`):
 
     join the job's cgroup (both processes) -> a cgroup namespace -> hostname, eth0 (egress)
     -> /etc, /workspace, pivot_root into the root and detach the host's tree
-    -> the job process: drop groups, gid, capabilities, uid -> parent-death signal
-       -> no_new_privs -> seccomp -> run the job's code
-    -> the init likewise drops everything, then reaps orphans, forwards SIGTERM, SIGINT and
-       SIGHUP to the job's process group and, when the job's main process ends, tells the
+    -> the init drops groups, gid, capabilities, uid -> parent-death signal -> no_new_privs
+       -> seccomp, as the job process did while it was prepared
+    -> the job process runs the job's code; the init reaps orphans, forwards SIGTERM, SIGINT
+       and SIGHUP to the job's process group and, when the job's main process ends, tells the
        monitor its wait status and exits.
 
 The init's exit takes down everything left in the namespace: the kernel kills every other
@@ -173,17 +173,18 @@ def init(
             os.setpriority(os.PRIO_PROCESS, pid, 0)
         args = _check(sandbox, setup)
         _enter(sandbox, setup)
-        # The job process has nothing left to do but run: it goes, and the job is running.
-        ours.send(msgpack.packb([setup.job_type, args], use_bin_type=True))
-        ours.close()
-        channel.send(MSG_RUNNING)
-        # Now the init itself: it needed root for the mounts until just now.
+        # The init itself needed root for the mounts until just now: it gives it all up before
+        # any of the job runs, so no process of a running job is ever privileged.
         _drop_privileges(sandbox.uid, sandbox.gid)
         linux.set_parent_death_signal(signal.SIGKILL)  # the uid change cleared it
         if not _peer_alive(channel):  # the monitor died before the line above
             os._exit(1)
         linux.set_no_new_privs()
         seccomp.load(sandbox.seccomp_filter)
+        # The job process has nothing left to do but run: it goes, and the job is running.
+        ours.send(msgpack.packb([setup.job_type, args], use_bin_type=True))
+        ours.close()
+        channel.send(MSG_RUNNING)
     except BaseException as exc:
         try:
             channel.send(MSG_ERROR + f"job setup failed: {_describe(exc)}".encode()[:4000])

@@ -12,13 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import JobState
+from tests import pki
 from tests.e2e.conftest import API_USER, Stack
 from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
@@ -220,24 +218,10 @@ def role_table() -> dict[tuple[str, str], dict[str, str]]:
 
 
 def _client_certificate(stack: Stack, user: str, role: str | None) -> None:
-    """A client certificate from the stack's CA with CN ``user`` and O ``role`` (None: no O),
-    even one that is not a role, written as the stack's other users' are."""
-    ca_key, ca_cert = (
-        certs.load_key(stack.certs / "ca-key.pem"),
-        certs.load_cert(stack.certs / "ca.pem"),
-    )
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
-    if role is not None:
-        names.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, role))
-    key = certs.generate_key()
-    cert = certs._leaf_builder(
-        ca_key,
-        ca_cert,
-        x509.Name(names),
-        key,
-        valid_days=1,
-        purpose=ExtendedKeyUsageOID.CLIENT_AUTH,
-    ).sign(ca_key, hashes.SHA256())
+    """A client certificate from the stack's client CA with CN ``user`` and O ``role`` (None: no
+    O), even one that is not a role, written as the stack's other users' are."""
+    client_ca = pki.load_pair(stack.certs / "client-ca.pem", stack.certs / "ca/client-ca-key.pem")
+    key, cert = pki.issue(client_ca, pki.name(user, role))
     certs.write_key(stack.certs / f"{user}-key.pem", key, overwrite=True)
     certs.write_cert(stack.certs / f"{user}.pem", cert, overwrite=True)
 

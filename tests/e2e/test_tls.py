@@ -49,7 +49,7 @@ from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 
 Code = grpc.StatusCode
-BUF = ROOT / ".buf" / "node_modules" / ".bin" / "buf"
+BUF = Path(sys.executable).parent / "buf"  # buf-bin, a dev dependency
 RELOADED = 'msg="TLS files reloaded"'
 UNUSABLE = 'msg="TLS files changed but cannot be used; still using the previous ones"'
 
@@ -674,11 +674,11 @@ def test_sslyze_sees_tls_1_3_only_with_aead_suites(stack: Stack, tmp_path: Path)
 
 
 def buf() -> Path:
-    """buf, installed from npm into .buf/ by scripts/buf_lint.sh (make lint runs it first)."""
+    """buf, from the dev dependency buf-bin (in the venv)."""
     if not BUF.exists():
         if IN_CI:
-            pytest.fail(f"{BUF} is missing: run 'make buf-lint' (make test does) first")
-        pytest.skip(f"{BUF} is missing: run 'make buf-lint' to install buf")
+            pytest.fail(f"{BUF} is missing: run 'make venv' (buf-bin is a dev dependency)")
+        pytest.skip(f"{BUF} is missing: run 'make venv' (buf-bin is a dev dependency)")
     return BUF
 
 

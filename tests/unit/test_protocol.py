@@ -479,7 +479,11 @@ ARG_INFO = st.fixed_dictionaries(
         "required": st.booleans(),
         "description": TEXTS.map(lambda t: t[: p.MAX_MESSAGE]),
     },
-    optional={"min": st.floats(allow_nan=False), "max": st.integers(-(2**63), 2**63)},
+    optional={
+        "min": st.floats(allow_nan=False),
+        "max": st.integers(-(2**63), 2**63),
+        "max_length": st.integers(0, 2**32 - 1),
+    },
 )
 TYPE_INFO = st.fixed_dictionaries(
     {
@@ -509,7 +513,7 @@ def _as_sent(message: p.ServerMessage) -> p.ServerMessage:
         return dataclasses.replace(message, message=message.message[: p.MAX_MESSAGE])
     if isinstance(message, p.TypesReply):  # optional fields arrive as nil
         types = [
-            {**t, "args": [{"min": None, "max": None, **a} for a in t["args"]]}
+            {**t, "args": [{"min": None, "max": None, "max_length": None, **a} for a in t["args"]]}
             for t in message.types
         ]
         return dataclasses.replace(message, types=types)
