@@ -83,6 +83,6 @@ def job_fields(status: JobStatus) -> dict[str, object]:
     return fields
 
 
-def job(message: str, status: JobStatus, level: int = logging.INFO, **extra: object) -> None:
+def job(message: str, status: JobStatus, level: int = logging.INFO, /, **extra: object) -> None:
     """One line for one job event ("job started", "job ended", ...), :func:`job_fields` first."""
     event(level, message, **job_fields(status), **extra)

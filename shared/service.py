@@ -82,9 +82,11 @@ def main(
     return 0
 
 
-async def _serve(make: Callable[[C], Service], cfg: C, notifier: Notifier) -> None:
+async def _serve(make: Callable[[C], Service], cfg: C, notifier: Notifier | None = None) -> None:
     """Serve until signalled; a service with a ``failed`` future (a reason, once it can no
-    longer serve) also stops when that resolves, and the process exits 1."""
+    longer serve) also stops when that resolves, and the process exits 1. ``notifier`` hears
+    READY=1 once it serves and STOPPING=1 when it stops (none: nobody to tell)."""
+    notifier = notifier or Notifier("")
     # Signals first: one that comes while the service starts (its socket may already be there
     # for clients to see) stops it once started, cleanly, instead of killing the process.
     stop = asyncio.Event()

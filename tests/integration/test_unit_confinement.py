@@ -8,8 +8,11 @@ on an operator's host. Each test starts the real ``workernator-runner`` and talk
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -23,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from shared.model import JobState, JobStatus
-from tests.conftest import PROBE_MODULE, ROOT, _stop_leftover_jobs, write_runner_config
-from tests.nethosts import EgressLab, NetHost, bridge_host
+from tests.conftest import PROBE_MODULE, ROOT, Daemon, _stop_leftover_jobs, write_runner_config
+from tests.e2e.conftest import _free_port, make_certs, write_api_config
+from tests.nethosts import EgressLab, NetHost, bridge_host, ensure_job_user
 from tests.unit_confine import service_settings
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
@@ -48,21 +52,9 @@ CAPS = {
 pytestmark = pytest.mark.privileged
 
 
-def confined(argv: list[str]) -> list[str]:
-    """``argv`` as the unit would run it (in a mount namespace of its own)."""
-    return [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "--",
-        sys.executable,
-        "-m",
-        "tests.unit_confine",
-        str(UNIT),
-        "--",
-        *argv,
-    ]
+def confined(argv: list[str], unit: Path = UNIT) -> list[str]:
+    """``argv`` as ``unit`` would run it."""
+    return [sys.executable, "-m", "tests.unit_confine", str(unit), "--", *argv]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -115,12 +107,27 @@ def test_the_confinement_is_the_units() -> None:
 
 @pytest.fixture
 def unit_state() -> Iterator[Path]:
-    """The runner's state outside /tmp (the unit has PrivateTmp=yes), with a short path."""
-    path = Path(tempfile.mkdtemp(prefix="wn-unit-", dir="/var/tmp"))
+    """The runner's state outside /tmp and /var/tmp (the unit has PrivateTmp=yes)."""
+    path = Path(tempfile.mkdtemp(prefix="wn-unit-", dir="/run"))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_ready(notify: socket.socket, runner: subprocess.Popen[bytes], log: Path) -> None:
+    """READY=1 from a daemon, or a failure with its log as soon as it exits without it."""
+    notify.settimeout(0.2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if b"READY=1" in notify.recv(4096):
+                return
+        except TimeoutError:
+            pass
+        if runner.poll() is not None:
+            pytest.fail(f"it exited {runner.returncode}: {log.read_text()}")
+    pytest.fail(f"no READY=1 within 60 s: {log.read_text()}")
 
 
 def _read_state(cfg: RunnerConfig, job_id: str) -> store.StateFile:
@@ -181,18 +188,17 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"wn-unit-notify-{os.getpid()}-{time.monotonic_ns()}"
     notify.bind("\0" + name)
-    notify.settimeout(60)
     daemon = [sys.executable, "-m", "workernator_runner.daemon", "--config", str(config_path)]
     with log_path.open("wb") as log:
         runner = subprocess.Popen(
             confined(daemon),
             cwd="/",
-            env=_env(NOTIFY_SOCKET="@" + name),
+            env=_env(NOTIFY_SOCKET="@" + name, WN_UNIT_CONFINE_WRITABLE=str(unit_state)),
             stdout=log,
             stderr=log,
         )
     try:
-        assert b"READY=1" in notify.recv(4096), log_path.read_text()
+        _wait_ready(notify, runner, log_path)
         with bridge_host(egress_lab) as host:  # on the bridge the runner just made
             port, _ = host.http_server()
             results, stopped, running = asyncio.run(_run_jobs(cfg, host, port))
@@ -213,9 +219,10 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
             confined([*daemon, "--after-stop", "workernator-runner.service"]),
             cwd="/",
             env=_env(
+                WN_UNIT_CONFINE_WRITABLE=str(unit_state),
                 PATH=_fake_systemctl(
                     unit_state / "bin", "1 workernator-runner.service stop running\n"
-                )
+                ),
             ),
             capture_output=True,
             text=True,
@@ -232,3 +239,142 @@ def test_every_job_type_runs_under_the_units_confinement_and_a_stop_ends_them(
         _stop_leftover_jobs(cfg)
         if runner.returncode not in (0, None):
             print(log_path.read_text())
+
+
+# --- the api ----------------------------------------------------------------------------------
+
+API_UNIT = ROOT / "deploy/systemd/workernator-api.service"
+API_USER = "workernator-api"  # the unit's User= (deploy/sysusers.d makes it on a real host)
+
+API_PROBE = r"""
+import ctypes, errno, json, mmap, os, socket
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines()
+              if ":\t" in line)
+out = {k: status[k].strip() for k in ("Uid", "CapBnd", "CapEff", "NoNewPrivs", "Seccomp")}
+out["writable"] = [p for p in ("/usr", "/etc", "/var", "/run", "/tmp") if os.access(p, os.W_OK)]
+out["pid1_visible"] = os.path.exists("/proc/1")
+out["sys_tunables"] = os.path.exists("/proc/sys/kernel")
+out["devices"] = sorted(os.listdir("/dev"))
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+out["wx"] = attempt(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC))
+out["netlink"] = attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+out["setpriority"] = attempt(lambda: os.setpriority(os.PRIO_PROCESS, 0, 1))
+libc = ctypes.CDLL(None, use_errno=True)
+out["unshare"] = (libc.unshare(0x20000), errno.errorcode.get(ctypes.get_errno()))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def api_user() -> int:
+    ensure_job_user(API_USER)  # a system user with a group of its own, as sysusers.d makes
+    return pwd.getpwnam(API_USER).pw_uid
+
+
+def test_the_api_confinement_is_the_units(api_user: int) -> None:
+    """The harness applies what the api's unit says (the control for the test below)."""
+    result = subprocess.run(
+        confined([sys.executable, "-c", API_PROBE], API_UNIT),
+        cwd="/",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout)
+    assert probe["Uid"].split() == [str(api_user)] * 4
+    assert int(probe["CapBnd"], 16) == int(probe["CapEff"], 16) == 0
+    assert (probe["NoNewPrivs"], probe["Seccomp"]) == ("1", "2")
+    assert probe["writable"] == ["/tmp"]  # ProtectSystem=strict, PrivateTmp=yes
+    assert probe["pid1_visible"] is False  # ProtectProc=invisible
+    assert probe["sys_tunables"] is False  # ProcSubset=pid
+    assert probe["devices"] == ["full", "null", "random", "shm", "tty", "urandom", "zero"]
+    assert probe["wx"] == "EACCES"  # MemoryDenyWriteExecute=yes
+    assert probe["netlink"] == "EAFNOSUPPORT"  # RestrictAddressFamilies=
+    assert probe["setpriority"] == "EPERM"  # SystemCallFilter=~@resources
+    assert probe["unshare"] == [-1, "EPERM"]  # RestrictNamespaces=yes
+
+
+@pytest.fixture
+def api_dir() -> Iterator[Path]:
+    """Config and certificates where the confined api can read them (not /tmp, not /root)."""
+    path = Path(tempfile.mkdtemp(prefix="wn-api-", dir="/run"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_api_serves_jobs_under_its_units_confinement(
+    api_user: int, api_dir: Path, runner_config: RunnerConfig, state_dir: Path
+) -> None:
+    """grpcio, TLS and the runner's socket, with no capability, no writable and executable
+    memory, the system calls of @system-service without @privileged and @resources, a /proc of
+    its own processes, a read-only system: the CLI starts a job and reads it back."""
+    group = grp.getgrnam(API_USER).gr_name
+    cfg = dataclasses.replace(
+        runner_config,
+        socket=api_dir / "run" / "runner.sock",
+        socket_group=group,
+        allowed_uids=frozenset({0, api_user}),
+    )
+    (api_dir / "run").mkdir(mode=0o755)
+    write_runner_config(cfg, state_dir / "runner.toml")
+    runner = Daemon(cfg, state_dir / "runner.toml", state_dir / "runner.log")
+    runner.start()
+    make_certs(api_dir / "certs", api_user)
+    port = _free_port()
+    config = write_api_config(api_dir / "api.toml", port, api_dir / "certs", cfg.socket)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"wn-api-notify-{os.getpid()}-{time.monotonic_ns()}"
+    notify.bind("\0" + name)
+    log_path = api_dir / "api.log"
+    api_argv = [sys.executable, "-m", "workernator_api.server", "--config", str(config)]
+    with log_path.open("wb") as log:
+        api = subprocess.Popen(
+            confined(api_argv, API_UNIT),
+            cwd="/",
+            env=_env(NOTIFY_SOCKET="@" + name),
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        _wait_ready(notify, api, log_path)
+        status = Path(f"/proc/{api.pid}/status").read_text()
+        assert f"Uid:\t{api_user}\t" in status  # the api itself, as its user
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            WORKERNATOR_HOST=f"127.0.0.1:{port}",
+            WORKERNATOR_CERT=str(api_dir / "certs" / "alice.pem"),
+            WORKERNATOR_KEY=str(api_dir / "certs" / "alice-key.pem"),
+            WORKERNATOR_CA=str(api_dir / "certs" / "server-ca.pem"),
+            WORKERNATOR_CONFIG=os.devnull,
+        )
+        cli = [sys.executable, "-m", "workernator_api.cli"]
+        started = subprocess.run(
+            [*cli, "jobs", "start", "fib", "10"], env=env, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr + log_path.read_text()
+        job_id = started.stdout.split("ID: ")[1].split()[0]
+        tail = subprocess.run(
+            [*cli, "jobs", "tail", job_id], env=env, capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert "[RESULT] 34\n" in tail.stdout, tail.stderr
+        assert f"job={job_id} owner=alice type=fib" in log_path.read_text()
+    finally:
+        notify.close()
+        if api.poll() is None:
+            api.terminate()
+            api.wait(timeout=30)
+        runner.stop()
