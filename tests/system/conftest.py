@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from tests.system import image
 from tests.system.vm import VM, GuestError, free_port, make_disk
 
 API_PORT = 8443  # the api's port in the VM (deploy/config/api.toml)
-USERS = ("alice:user", "admin:admin")
+USERS = (("alice", "user"), ("admin", "admin"))
 # A test host for the wait job inside the VM: a network namespace on the runner's egress
 # bridge (deploy/config/runner.toml: wn0, 10.92.0.0/16), serving HTTP on this address.
 TEST_HOST = "10.92.255.254"
@@ -35,6 +36,7 @@ TEST_HOST_URL = f"http://{TEST_HOST}:8080"
 UNITS = "workernator-runner workernator-api"
 
 TIMINGS: dict[str, float] = {}  # step -> seconds, printed at the end of the run
+TRANSCRIPT = image.CACHE / "transcript.txt"  # the last run's commands and output
 
 
 @dataclass
@@ -45,6 +47,7 @@ class System:
     certs: Path
     address: str
     timings: dict[str, float] = field(default_factory=dict)
+    transcript: list[str] = field(default_factory=list)  # commands and their output
 
     def cli(self, *args: str, user: str = "alice", timeout: float = 60) -> str:
         """``workernator ARGS`` as ``user``; its stdout (a failure says what went wrong)."""
@@ -65,8 +68,10 @@ class System:
             timeout=timeout,
             check=False,
         )
+        command = " ".join(shlex.quote(arg) for arg in args)
+        self.transcript.append(f"client$ workernator {command}\n{proc.stdout}{proc.stderr}")
         assert proc.returncode == 0, (
-            f"workernator {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+            f"workernator {command} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
         )
         return proc.stdout
 
@@ -94,7 +99,17 @@ class System:
             time.sleep(0.5)
 
     def guest(self, command: str, timeout: float = 120) -> str:
-        return self.vm.run(command, timeout=timeout).out
+        """Run ``command`` as root on the service host (the VM); its output."""
+        result = self.vm.run(command, timeout=timeout, check=False)
+        self.transcript.append(f"host# {command.strip()}\n{result.out}")
+        if result.rc != 0:
+            raise GuestError(f"exit status {result.rc} from: {command}\n{result.out}")
+        return result.out
+
+    def reboot(self) -> None:
+        self.transcript.append("host# systemctl reboot\n")
+        self.vm.reboot()
+        self.timings["reboot (to the agent)"] = self.vm.timings["reboot"]
 
     def wait_active(self, timeout: float = 120) -> None:
         """Both units active (after a boot, they may still be starting)."""
@@ -151,15 +166,20 @@ def _cli() -> str:
     return str(Path(sys.executable).parent / "workernator")
 
 
-def _certificates(path: Path) -> None:
-    """``workernator certs init`` on the host (the administration machine): the api's pair
-    names 127.0.0.1, the address this host reaches it at through qemu's port forward."""
-    subprocess.run(
-        [_cli(), "certs", "init", str(path), "--server-name", "127.0.0.1"]
-        + [arg for user in USERS for arg in ("--user", user)],
-        check=True,
-        capture_output=True,
-    )
+def _certificates(pki: Path) -> None:
+    """docs/operations.md 1.2 on the administration machine (this host): both CAs, the api's
+    pair naming 127.0.0.1 (where this host reaches it, through qemu's port forward), a
+    certificate per user."""
+    commands = [
+        ("ca", "server"),
+        ("ca", "client"),
+        ("server", "--name", "127.0.0.1"),
+        *(("client", user, "--role", role) for user, role in USERS),
+    ]
+    for command in commands:
+        subprocess.run(
+            [_cli(), "certs", *command, "--dir", str(pki)], check=True, capture_output=True
+        )
 
 
 def _payload(work: Path, wheels: Path, certs: Path) -> Path:
@@ -179,15 +199,18 @@ def _payload(work: Path, wheels: Path, certs: Path) -> Path:
     return disk
 
 
-# docs/operations.md, as an operator types it on the new host (the payload disk stands in for
-# the files copied over from the administration machine).
+# docs/operations.md 1.1 ("from wheels") and 1.2, as an operator types them on the service host;
+# the payload disk stands in for the files copied over from the build and administration
+# machines. Then 1.3 (the configs as installed) and 1.4 (ENABLE).
 INSTALL = """
 set -e
 mkdir -p /mnt/payload && mount -o ro /dev/vdb /mnt/payload
 /mnt/payload/deploy/install.sh --wheels /mnt/payload/wheels
-install -o root -g workernator-api -m 0640 /mnt/payload/tls/server.pem /mnt/payload/tls/client-ca.pem /etc/workernator/tls/
-install -o workernator-api -g workernator-api -m 0600 /mnt/payload/tls/server-key.pem /etc/workernator/tls/
-"""  # noqa: E501
+cd /mnt/payload/tls
+install -d -m 0750 -o root -g workernator-api /etc/workernator/tls
+install -m 0644 server.pem client-ca.pem /etc/workernator/tls/
+install -m 0600 -o workernator-api -g workernator-api server-key.pem /etc/workernator/tls/
+"""
 # The one addition to the operator's steps: a job type that allocates, for the memory limit
 # (guest_probe.py), loaded by the runner as an extra job module.
 TEST_JOB_MODULE = r"""
@@ -225,11 +248,11 @@ def system(wheelhouse: Path) -> Iterator[System]:
         TIMINGS["boot"] = vm.timings["boot"]
         try:
             step = time.monotonic()
-            vm.run(INSTALL, timeout=600)
-            vm.run(TEST_JOB_MODULE)
+            system.guest(INSTALL, timeout=600)
+            system.guest(TEST_JOB_MODULE)
             TIMINGS["install.sh + TLS files"] = time.monotonic() - step
             step = time.monotonic()
-            vm.run(ENABLE, timeout=300)
+            system.guest(ENABLE, timeout=300)
             TIMINGS["systemctl enable --now"] = time.monotonic() - step
             system.start_test_host()
         except GuestError as exc:
@@ -242,6 +265,7 @@ def system(wheelhouse: Path) -> Iterator[System]:
         vm.close()
         shutil.rmtree(work, ignore_errors=True)
         TIMINGS["total"] = time.monotonic() - began
+        TRANSCRIPT.write_text("\n".join(system.transcript))
 
 
 @pytest.hookimpl(hookwrapper=True)
