@@ -127,7 +127,14 @@ class VM:
         if self.payload is not None:
             argv += ["-drive", f"file={self.payload},format=raw,if=virtio,readonly=on"]
         with (self.workdir / "qemu.log").open("wb") as log:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                # SIGKILL to qemu when the test process dies, however it dies (a killed pytest
+                # runs no cleanup); setpriv execs qemu, so the PID stays qemu's.
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 10
         while not channel.exists():
             self._check_alive()
