@@ -226,12 +226,13 @@ ENABLE = f"systemctl enable --now {UNITS}"
 
 
 @pytest.fixture(scope="module")
-def system(wheelhouse: Path) -> Iterator[System]:
+def system(request: pytest.FixtureRequest) -> Iterator[System]:
     if os.geteuid() != 0:
         pytest.skip("needs root (mmdebstrap, qemu's disks)")
     missing = image.missing_tools()
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (make system-deps installs them)")
+    wheelhouse: Path = request.getfixturevalue("wheelhouse")  # only once the VM can run
     began = time.monotonic()
     base = image.base_image()
     TIMINGS["image (cached)" if not base.build_seconds else "image build"] = (

@@ -140,8 +140,9 @@ def base_image(cache: Path = CACHE) -> BaseImage:
         if (target / "ready").exists():  # built by another run while this one waited
             return image
         start = time.monotonic()
+        for stale in cache.glob("building-*"):  # a build that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         work = cache / f"building-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
         try:
             _build(work)
             shutil.rmtree(target, ignore_errors=True)
