@@ -16,6 +16,7 @@ from tests.conftest import Daemon
 from tests.helpers import job_workspaces
 from tests.nethosts import EgressLab, wait_for
 from workernator_api.runner_client import RunnerClient
+from workernator_runner import cgroups
 from workernator_runner.manager import JobManager
 
 USER = ("alice", "user")
@@ -56,15 +57,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _net_namespaces() -> int:
+def _net_namespaces(pids: list[int]) -> int:
     names = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                names.add(os.readlink(f"/proc/{entry}/ns/net"))
-            except OSError:
-                continue
+    for pid in pids:
+        try:
+            names.add(os.readlink(f"/proc/{pid}/ns/net"))
+        except OSError:
+            continue
     return len(names)
+
+
+def _cgroups(m: JobManager, ours: set[int]) -> int:
+    """Sandbox cgroups of this runner's processes, and of processes that are gone (leaked by
+    anyone). Another runner on this host (a developer's) has live ones of its own."""
+    if m.cgroups is None:
+        return -1
+    pids = [int(n.removeprefix(cgroups.NAME_PREFIX)) for n in m.cgroups.names()]
+    return sum(1 for pid in pids if pid in ours or not os.path.exists(f"/proc/{pid}"))
 
 
 def footprint(m: JobManager, lab: EgressLab) -> Footprint:
@@ -76,18 +85,20 @@ def footprint(m: JobManager, lab: EgressLab) -> Footprint:
         text=True,
         check=True,
     ).stdout
+    # This runner's processes: the launcher and everything it forked (spares, monitors, jobs).
+    descendants = [launcher.process.pid, *_descendants(launcher.process.pid)]
     return Footprint(
         host_mounts=len(Path("/proc/self/mountinfo").read_text().splitlines()),
         launcher_mounts=len(
             Path(f"/proc/{launcher.process.pid}/mountinfo").read_text().splitlines()
         ),
-        net_namespaces=_net_namespaces(),
+        net_namespaces=_net_namespaces([os.getpid(), *descendants]),
         job_veths=tuple(lab.job_veths()),
         nft_rules=sum(1 for line in rules.splitlines() if "drop" in line or "accept" in line),
-        launcher_descendants=len(_descendants(launcher.process.pid)),
+        launcher_descendants=len(descendants),
         open_fds=len(os.listdir("/proc/self/fd")),
         workspaces=tuple(job_workspaces(m)),
-        cgroups=len(m.cgroups.names()) if m.cgroups is not None else -1,
+        cgroups=_cgroups(m, set(descendants)),
     )
 
 
