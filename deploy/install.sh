@@ -113,7 +113,9 @@ else
     rm -f "$STAMP"
     PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
     "${PIP[@]}" install --no-index --find-links "$WHEELS" --no-warn-script-location "$WHEEL"
-    "${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+    if [[ -z $MADE_VENV ]]; then  # the same version may already be there, from other code
+        "${PIP[@]}" install --no-index --no-deps --force-reinstall --no-warn-script-location "$WHEEL"
+    fi
     echo "$DIGEST" >"$STAMP"
 fi
 for command in workernator workernator-api workernator-runner; do
