@@ -176,6 +176,11 @@ def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
         f'egress_bridge = "{cfg.egress_bridge}"\n'
         f'egress_subnet = "{cfg.egress_subnet}"\n'
         f'resolv_conf = "{cfg.resolv_conf}"\n'
+        f"max_job_output = {cfg.max_job_output}\n"
+        "[retention]\n"
+        f"max_jobs = {cfg.retention.max_jobs}\n"
+        f'max_age = "{int(cfg.retention.max_age_seconds)}s"\n'
+        f"max_output_bytes = {cfg.retention.max_output_bytes}\n"
     )
 
 

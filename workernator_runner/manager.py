@@ -12,6 +12,11 @@ job's status. Two kernel notifications keep that cache true without polling:
 Both work for monitors that an earlier runner process started, so a restarted runner re-adopts
 running jobs.
 
+Finished jobs are kept by the retention policy (``[retention]`` in the config): at most so many,
+for at most so long, with at most so much output in all. Beyond any bound the jobs that ended
+first are deleted; running jobs never are. The policy is applied at start, whenever a job ends,
+and by one timer set for when the oldest finished job expires (an idle runner never polls).
+
 Jobs are not forked from here: :meth:`JobManager.open` starts the launcher (a fork server, see
 :mod:`workernator_runner.launcher`) before it reads any job, and every start goes through it.
 """
@@ -48,6 +53,7 @@ NO_LIMITS = ResourceLimits()
 STOP_MARGIN_SECONDS = 10.0  # on top of the grace period, for the monitor to record the end
 WATCH_MASK = inotify.IN_MODIFY | inotify.IN_MOVED_TO | inotify.IN_ONLYDIR
 MAX_BATCH_BYTES = 256 * 1024
+DELETING_PREFIX = ".deleting-"  # a job directory being removed: gone whole, even after a crash
 
 
 @dataclass
@@ -58,6 +64,11 @@ class _Job:
     wd: int | None = None  # inotify watch on the directory while the job runs
     pidfd: int | None = None  # the monitor, while the job runs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    output_bytes: int = 0  # the size of its output once it ended (for retention)
+
+    @property
+    def ended_ns(self) -> int:
+        return self.state.ended_ns or self.request.created_ns
 
     @property
     def status(self) -> JobStatus:
@@ -87,6 +98,9 @@ class JobManager:
         self.cgroups: cgroups.Layout | None = None
         self._launcher: Launcher | None = None
         self._jobs: dict[str, _Job] = {}
+        self._finished: dict[str, _Job] = {}  # in the order they ended: the first goes first
+        self._finished_bytes = 0  # their output in all
+        self._expiry: asyncio.TimerHandle | None = None  # when the oldest one expires
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
         self._last_address: ipaddress.IPv4Interface | None = None  # the next is after it
@@ -131,6 +145,7 @@ class JobManager:
             ),
             cgroups=self.cgroups,
             default_limits=cfg.limits.effective(NO_LIMITS),
+            max_output_bytes=cfg.max_job_output,
         )
         # Before any job is read: the launcher must never have seen anyone's data.
         self._launcher = await Launcher.spawn(init, self._launcher_exited)
@@ -144,7 +159,10 @@ class JobManager:
         for job_dir in sorted(cfg.jobs_dir.iterdir()):
             if ids.is_job_id(job_dir.name):
                 self._load(job_dir)
+        ended = sorted(self._finished.values(), key=lambda j: (j.ended_ns, j.request.id))
+        self._finished = {job.request.id: job for job in ended}
         self._remove_leftovers()
+        self._apply_retention()
 
     def _egress_plan(self) -> network.Egress | None:
         cfg = self.config
@@ -168,6 +186,9 @@ class JobManager:
     def _remove_leftovers(self) -> None:
         """Remove what jobs that no longer run left behind (a crash, say): workspaces, veths."""
         running = {job_id for job_id, job in self._jobs.items() if not job.state.state.finished}
+        for path in self.config.jobs_dir.iterdir():
+            if path.name.startswith(DELETING_PREFIX):  # a deletion a crash interrupted
+                shutil.rmtree(path, ignore_errors=True)
         for path in self.config.workspaces_dir.iterdir():
             if ids.is_job_id(path.name) and path.name not in running:  # spares: the launcher's
                 log.info("removing a leftover workspace", path=str(path))
@@ -198,6 +219,9 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop serving. Running jobs go on: their monitors do not depend on this process."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for job in self._jobs.values():
             self._unwatch(job)
         if self._loop is not None and self._inotify is not None:
@@ -247,6 +271,7 @@ class JobManager:
         job.state = state
         if state.state.finished:
             self._unwatch(job)
+            self._ended(job, apply=False)  # the policy applies once all are read
             return
         self._hold_address(job)
         if self._watch_monitor(job):
@@ -351,6 +376,7 @@ class JobManager:
             self._unwatch(job)
         if job.state.state.finished and not was_finished and job.request.id in self._jobs:
             log.job("job ended", job.status)
+            self._ended(job)
         job.notify()
 
     def _lost(self, job: _Job) -> None:
@@ -375,8 +401,67 @@ class JobManager:
             log.error("cannot record the end of a lost job", job=job.request.id, error=str(exc))
             self._unwatch(job)
             job.notify()
+            self._ended(job)
             return
         self._refresh(job)
+        self._ended(job)
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def _ended(self, job: _Job, *, apply: bool = True) -> None:
+        """Count a job that has ended in the retention policy (once), then apply it."""
+        job_id = job.request.id
+        if job_id not in self._jobs or job_id in self._finished:
+            return
+        try:
+            job.output_bytes = os.stat(job.dir / store.OUTPUT_FILE).st_size
+        except OSError:  # it never started, or it is unreadable: nothing to count
+            job.output_bytes = 0
+        self._finished[job_id] = job
+        self._finished_bytes += job.output_bytes
+        if apply:
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Delete the finished jobs beyond the policy, those that ended first first; the one
+        that ended last is kept whatever its output's size. Then set the timer for the next
+        expiry."""
+        policy = self.config.retention
+        max_age_ns = int(policy.max_age_seconds * 1e9)
+        now = time.time_ns()
+        while self._finished:
+            oldest = next(iter(self._finished.values()))
+            over = len(self._finished) > policy.max_jobs or (
+                len(self._finished) > 1 and self._finished_bytes > policy.max_output_bytes
+            )
+            if not over and oldest.ended_ns + max_age_ns > now:
+                break
+            log.job("deleting job (retention)", oldest.status)
+            self._remove(oldest)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._finished and self._loop is not None:
+            oldest = next(iter(self._finished.values()))
+            delay = (oldest.ended_ns + max_age_ns - now) / 1e9
+            self._expiry = self._loop.call_later(max(delay, 0.0), self._apply_retention)
+
+    def _remove(self, job: _Job) -> None:
+        """Forget a finished job and remove what it has on disk. The directory is renamed
+        first, so a crash halfway leaves no half job: :meth:`open` removes the rest."""
+        job_id = job.request.id
+        del self._jobs[job_id]
+        if self._finished.pop(job_id, None) is not None:
+            self._finished_bytes -= job.output_bytes
+        self._unwatch(job)
+        doomed = job.dir.with_name(f"{DELETING_PREFIX}{job_id}")
+        try:
+            os.rename(job.dir, doomed)
+        except FileNotFoundError:
+            doomed = job.dir
+        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(self.config.workspaces_dir / job_id, ignore_errors=True)
+        job.notify()
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -482,6 +567,7 @@ class JobManager:
         if job.state.state.finished:  # a very short job may have ended already
             self._unwatch(job)
             log.job("job ended", job.status)
+            self._ended(job)
         else:  # an end recorded from now on is seen: the directory was watched before
             self._watch_monitor(job)
         return job.status
@@ -517,6 +603,18 @@ class JobManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
         return job.status
+
+    def delete(self, job_id: str) -> JobStatus:
+        """Delete a finished job: its record, output and workspace. Returns its last status;
+        FailedPrecondition for a running job (stop it first)."""
+        job = self._get(job_id)
+        if not job.state.state.finished:
+            raise FailedPrecondition(
+                f"job {job_id} is still running: stop it first, then delete it"
+            )
+        status = job.status
+        self._remove(job)
+        return status
 
     async def read_output(
         self,
