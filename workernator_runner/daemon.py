@@ -157,6 +157,10 @@ class _Session:
             job = await m.stop(args.job_id)
             log.job("job stopped", job, by=request.caller.user)
             await self.send(p.JobReply(rid, job))
+        elif isinstance(args, p.JobRef) and request.op is p.Op.DELETE:
+            job = m.delete(args.job_id)
+            log.job("job deleted", job, by=request.caller.user)
+            await self.send(p.JobReply(rid, job))
         elif isinstance(args, p.JobRef):
             await self.send(p.JobReply(rid, m.status(args.job_id)))
         elif isinstance(args, p.TypesArgs):

@@ -14,7 +14,9 @@ import pytest
 
 from shared.errors import FailedPrecondition, NotFound
 from shared.model import JobState, JobStatus, Stream
+from tests.conftest import Daemon
 from tests.helpers import collect, joined, run_job
+from workernator_api.runner_client import RunnerClient
 from workernator_runner.config import Retention, RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
@@ -156,3 +158,27 @@ async def test_a_job_that_prints_without_end_is_stopped_at_the_output_cap(
         last = chunks[-1]
         assert last.stream is Stream.STDERR
         assert last.data.startswith(b"[workernator] its output reached the limit of 256 KiB")
+
+
+async def test_delete_over_the_runner_socket(daemon: Daemon) -> None:
+    """What the api sends: refused while the job runs, done once it has ended."""
+    cfg = daemon.config
+    async with RunnerClient(cfg.socket) as client:
+        job = await client.start("alice", "user", "drip", {"count": 10_000, "interval": 0.1})
+        try:
+            with pytest.raises(FailedPrecondition, match="stop it first, then delete it"):
+                await client.delete("root", "admin", job.id)
+            assert (await client.status("root", "admin", job.id)).state is JobState.RUNNING
+        finally:
+            await client.stop("root", "admin", job.id)
+        deleted = await client.delete("root", "admin", job.id)
+        assert deleted.id == job.id and deleted.state is JobState.STOPPED
+        assert not (cfg.jobs_dir / job.id).exists()
+        with pytest.raises(NotFound):
+            await client.delete("root", "admin", job.id)
+        with pytest.raises(NotFound):
+            await client.status("root", "admin", job.id)
+    daemon.stop()
+    daemon.start()  # nothing of it comes back
+    async with RunnerClient(cfg.socket) as client:
+        assert [j.id for j in await client.list_jobs("root", "admin")] == []
