@@ -1,8 +1,11 @@
 """The job manager: start, stop, status, list and read output (design sections 5 and 6).
 
 It is a library: the daemon serves it over the Unix socket, and tests use it in-process.
-State lives on disk (see :mod:`workernator_runner.store`); the manager keeps a cache of every
-job's status. Two kernel notifications keep that cache true without polling:
+State lives on disk (see :mod:`workernator_runner.store`); the manager keeps every running
+job's status in memory, and of a job that has ended only a small record (id, times, owner,
+output size: :class:`store.Ended`), also kept in ``jobs/index`` so that a start reads one file,
+not every job's; an ended job's status is read from its directory when asked for. Two kernel
+notifications keep the running jobs' status true without polling:
 
 - a pidfd per running job's monitor: when the monitor exits, the manager re-reads the job's
   state, and a job whose monitor died without recording its end is marked lost;
@@ -24,6 +27,7 @@ Jobs are not forked from here: :meth:`JobManager.open` starts the launcher (a fo
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins
 import contextlib
 import dataclasses
@@ -33,7 +37,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +68,6 @@ class _Job:
     wd: int | None = None  # inotify watch on the directory while the job runs
     pidfd: int | None = None  # the monitor, while the job runs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    output_bytes: int = 0  # the size of its output once it ended (for retention)
-
-    @property
-    def ended_ns(self) -> int:
-        return self.state.ended_ns or self.request.created_ns
 
     @property
     def status(self) -> JobStatus:
@@ -97,9 +96,13 @@ class JobManager:
         self._use_freezer = use_freezer  # kill as on a v1-only host (tests of hybrid hosts)
         self.cgroups: cgroups.Layout | None = None
         self._launcher: Launcher | None = None
-        self._jobs: dict[str, _Job] = {}
-        self._finished: dict[str, _Job] = {}  # in the order they ended: the first goes first
+        self._jobs: dict[str, _Job] = {}  # running jobs (and, briefly, one that just ended)
+        self._finished: dict[str, store.Ended] = {}  # in the order they ended: first goes first
         self._finished_bytes = 0  # their output in all
+        self._order: builtins.list[tuple[int, str]] = []  # every job's (created_ns, id), sorted
+        self._index_fd: int | None = None  # jobs/index, appended to as jobs end or go
+        self._index_lines = 0
+        self._loaded = False  # the policy applies once every job is known
         self._expiry: asyncio.TimerHandle | None = None  # when the oldest one expires
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
@@ -156,13 +159,65 @@ class JobManager:
             self.egress = egress
         self._inotify = inotify.Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
-        for job_dir in sorted(cfg.jobs_dir.iterdir()):
-            if ids.is_job_id(job_dir.name):
-                self._load(job_dir)
-        ended = sorted(self._finished.values(), key=lambda j: (j.ended_ns, j.request.id))
-        self._finished = {job.request.id: job for job in ended}
+        self._load_all()
         self._remove_leftovers()
         self._apply_retention()
+
+    def _load_all(self) -> None:
+        """Every job: those the index names from it, the others (running, or ended while no
+        runner ran) from their directories. Then the index is written anew from what is on
+        disk, so nothing it said about a job directory that is gone survives."""
+        jobs_dir = self.config.jobs_dir
+        indexed = store.read_index(self.config.state_dir)
+        for name in sorted(os.listdir(jobs_dir)):
+            if not ids.is_job_id(name):
+                continue
+            entry = indexed.get(name)
+            if entry is not None:
+                self._finished[name] = entry
+                self._finished_bytes += entry.output_bytes
+            else:
+                self._load(jobs_dir / name)
+        ended = sorted(self._finished.values(), key=lambda e: (e.ended_ns, e.id))
+        self._finished = {e.id: e for e in ended}
+        self._order = sorted(
+            [(e.created_ns, e.id) for e in ended]
+            + [(j.request.created_ns, j.request.id) for j in self._jobs.values()]
+        )
+        try:
+            store.write_index(self.config.state_dir, ended)
+            self._index_fd = store.open_index(self.config.state_dir)
+        except OSError as exc:  # a full disk, say: the next start reads every job instead
+            self._index_failed(exc)
+        self._index_lines = len(ended)
+        self._loaded = True
+
+    def _index_append(self, entry: store.Ended | str) -> None:
+        """Add a line to the index; rewrite it whole when most of its lines are outdated."""
+        if self._index_fd is None:
+            return
+        try:
+            if self._index_lines > 2 * len(self._finished) + 1000:
+                os.close(self._index_fd)
+                self._index_fd = None
+                store.write_index(self.config.state_dir, builtins.list(self._finished.values()))
+                self._index_fd = store.open_index(self.config.state_dir)
+                self._index_lines = len(self._finished)
+            else:
+                os.write(self._index_fd, store.index_line(entry))
+                self._index_lines += 1
+        except OSError as exc:
+            self._index_failed(exc)
+
+    def _index_failed(self, exc: OSError) -> None:
+        """An index that missed a change must not be trusted: it goes (an unlink works on a
+        full disk), and the next start reads every job's directory and writes it anew."""
+        log.error("the job index cannot be written; it is removed", error=str(exc))
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.config.state_dir / store.INDEX_FILE)
 
     def _egress_plan(self) -> network.Egress | None:
         cfg = self.config
@@ -189,6 +244,9 @@ class JobManager:
         for path in self.config.jobs_dir.iterdir():
             if path.name.startswith(DELETING_PREFIX):  # a deletion a crash interrupted
                 shutil.rmtree(path, ignore_errors=True)
+        for path in self.config.state_dir.iterdir():
+            if path.name.startswith(f".{store.INDEX_FILE}.") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # an index rewrite a crash interrupted
         for path in self.config.workspaces_dir.iterdir():
             if ids.is_job_id(path.name) and path.name not in running:  # spares: the launcher's
                 log.info("removing a leftover workspace", path=str(path))
@@ -222,6 +280,9 @@ class JobManager:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
         for job in self._jobs.values():
             self._unwatch(job)
         if self._loop is not None and self._inotify is not None:
@@ -376,6 +437,7 @@ class JobManager:
             self._unwatch(job)
         if job.state.state.finished and not was_finished and job.request.id in self._jobs:
             log.job("job ended", job.status)
+        if job.state.state.finished:
             self._ended(job)
         job.notify()
 
@@ -409,17 +471,21 @@ class JobManager:
     # --- retention ----------------------------------------------------------------------------
 
     def _ended(self, job: _Job, *, apply: bool = True) -> None:
-        """Count a job that has ended in the retention policy (once), then apply it."""
+        """A job has ended: keep only its small record (once), then apply the policy."""
         job_id = job.request.id
-        if job_id not in self._jobs or job_id in self._finished:
+        if self._jobs.get(job_id) is not job:
             return
+        del self._jobs[job_id]
         try:
-            job.output_bytes = os.stat(job.dir / store.OUTPUT_FILE).st_size
+            size = os.stat(job.dir / store.OUTPUT_FILE).st_size
         except OSError:  # it never started, or it is unreadable: nothing to count
-            job.output_bytes = 0
-        self._finished[job_id] = job
-        self._finished_bytes += job.output_bytes
-        if apply:
+            size = 0
+        ended_ns = job.state.ended_ns or job.request.created_ns
+        entry = store.Ended(job_id, job.request.created_ns, ended_ns, job.request.owner, size)
+        self._finished[job_id] = entry
+        self._finished_bytes += size
+        self._index_append(entry)
+        if apply and self._loaded:
             self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -436,7 +502,7 @@ class JobManager:
             )
             if not over and oldest.ended_ns + max_age_ns > now:
                 break
-            log.job("deleting job (retention)", oldest.status)
+            log.info("deleting job (retention)", job=oldest.id, owner=oldest.owner)
             self._remove(oldest)
         if self._expiry is not None:
             self._expiry.cancel()
@@ -446,30 +512,48 @@ class JobManager:
             delay = (oldest.ended_ns + max_age_ns - now) / 1e9
             self._expiry = self._loop.call_later(max(delay, 0.0), self._apply_retention)
 
-    def _remove(self, job: _Job) -> None:
-        """Forget a finished job and remove what it has on disk. The directory is renamed
+    def _remove(self, entry: store.Ended) -> None:
+        """Forget an ended job and remove what it has on disk. The directory is renamed
         first, so a crash halfway leaves no half job: :meth:`open` removes the rest."""
-        job_id = job.request.id
-        del self._jobs[job_id]
-        if self._finished.pop(job_id, None) is not None:
-            self._finished_bytes -= job.output_bytes
-        self._unwatch(job)
-        doomed = job.dir.with_name(f"{DELETING_PREFIX}{job_id}")
+        job_id = entry.id
+        del self._finished[job_id]
+        self._finished_bytes -= entry.output_bytes
+        where = bisect.bisect_left(self._order, (entry.created_ns, job_id))
+        if where < len(self._order) and self._order[where] == (entry.created_ns, job_id):
+            del self._order[where]
+        self._index_append(job_id)
+        job_dir = self.config.jobs_dir / job_id
+        doomed = job_dir.with_name(f"{DELETING_PREFIX}{job_id}")
         try:
-            os.rename(job.dir, doomed)
+            os.rename(job_dir, doomed)
         except FileNotFoundError:
-            doomed = job.dir
+            doomed = job_dir
         shutil.rmtree(doomed, ignore_errors=True)
         shutil.rmtree(self.config.workspaces_dir / job_id, ignore_errors=True)
-        job.notify()
+
+    def _read_ended(self, entry: store.Ended) -> _Job:
+        """An ended job as its directory has it."""
+        job_dir = self.config.jobs_dir / entry.id
+        try:
+            request = store.read_request(job_dir)
+            state = store.read_state(job_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise Internal(f"job {entry.id}: its record cannot be read: {exc}") from None
+        if state is None or not state.state.finished:
+            raise Internal(f"job {entry.id}: its record says it has not ended")
+        return _Job(request, state, job_dir)
 
     # --- operations ---------------------------------------------------------------------------
 
     def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id) if ids.is_job_id(job_id) else None
-        if job is None:
-            raise NotFound(f"job {job_id!r} not found")
-        return job
+        if ids.is_job_id(job_id):
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return job
+            entry = self._finished.get(job_id)
+            if entry is not None:
+                return self._read_ended(entry)
+        raise NotFound(f"job {job_id!r} not found")
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status; a running job's usage is read from its cgroup now (lists show
@@ -495,13 +579,28 @@ class JobManager:
     ) -> list[JobStatus]:
         """Jobs oldest first by (created_ns, id); only those of ``owner`` if given, and only
         those after the job ``after`` names by its (created_ns, id) if given."""
-        jobs = sorted(self._jobs.values(), key=_list_order)
-        return [
-            j.status
-            for j in jobs
-            if (owner is None or j.request.owner == owner)
-            and (after is None or _list_order(j) > after)
-        ]
+        return builtins.list(self.iter_list(owner, after))
+
+    def iter_list(
+        self, owner: str | None = None, after: tuple[int, str] | None = None
+    ) -> Iterator[JobStatus]:
+        """:meth:`list`, one job at a time: a page costs its own jobs' reads, wherever it is
+        in the history. Jobs deleted meanwhile are left out."""
+        start = 0 if after is None else bisect.bisect_right(self._order, after)
+        for _, job_id in self._order[start:]:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                if owner is None or job.request.owner == owner:
+                    yield job.status
+                continue
+            entry = self._finished.get(job_id)
+            if entry is None or (owner is not None and entry.owner != owner):
+                continue
+            try:
+                yield self._read_ended(entry).status
+            except Internal as exc:  # one damaged job does not hide all the others
+                if job_id in self._finished:
+                    log.error("job left out of a list", job=job_id, error=exc.message)
 
     async def start(
         self,
@@ -542,6 +641,7 @@ class JobManager:
             limits=effective,
         )
         job = _Job(request, store.StateFile(), job_dir)
+        key = (request.created_ns, job_id)
         header = wire.LaunchHeader(
             job_id, job_type, self.config.stop_grace_seconds, request.address, effective
         )
@@ -563,6 +663,7 @@ class JobManager:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
+        bisect.insort(self._order, key)
         log.job("job started", job.status, pid=job.state.job_pid)
         if job.state.state.finished:  # a very short job may have ended already
             self._unwatch(job)
@@ -612,8 +713,9 @@ class JobManager:
             raise FailedPrecondition(
                 f"job {job_id} is still running: stop it first, then delete it"
             )
+        self._ended(job, apply=False)  # if its end is known but not counted yet
         status = job.status
-        self._remove(job)
+        self._remove(self._finished[job_id])
         return status
 
     async def read_output(
@@ -676,10 +778,6 @@ class JobManager:
                 if finished or not follow:
                     return
                 await changed.wait()
-
-
-def _list_order(job: _Job) -> tuple[int, str]:
-    return job.request.created_ns, job.request.id
 
 
 def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:

@@ -47,7 +47,7 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None
 
 
 def on_disk(cfg: RunnerConfig) -> set[str]:
-    return {p.name for p in cfg.jobs_dir.iterdir()}
+    return {p.name for p in cfg.jobs_dir.iterdir()}  # job directories only: no index here
 
 
 def gone(m: JobManager, job_id: str) -> bool:
