@@ -536,11 +536,25 @@ class JobManager:
         job_dir = self.config.jobs_dir / entry.id
         try:
             request = store.read_request(job_dir)
-            state = store.read_state(job_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise Internal(f"job {entry.id}: its record cannot be read: {exc}") from None
+        try:
+            state = store.read_state(job_dir)
+        except OSError as exc:
+            raise Internal(f"job {entry.id}: its state cannot be read: {exc}") from None
+        except ValueError as exc:  # replaced whole by every writer: corrupt, not half-written
+            log.error("unreadable job state", job=entry.id, error=str(exc))
+            state = store.StateFile(
+                state=JobState.FAILED,
+                ended_ns=entry.ended_ns,
+                error=f"the job's state was unreadable: {exc}",
+            )
+            try:
+                store.write_state(job_dir, state)
+            except OSError as write_exc:
+                log.error("job state not replaced", job=entry.id, error=str(write_exc))
         if state is None or not state.state.finished:
-            raise Internal(f"job {entry.id}: its record says it has not ended")
+            raise Internal(f"job {entry.id}: its state says it has not ended")
         return _Job(request, state, job_dir)
 
     # --- operations ---------------------------------------------------------------------------
