@@ -17,6 +17,7 @@ from shared.model import JobState, JobStatus, Stream
 from tests.conftest import Daemon
 from tests.helpers import collect, joined, run_job
 from workernator_api.runner_client import RunnerClient
+from workernator_runner import store
 from workernator_runner.config import Retention, RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
@@ -182,3 +183,30 @@ async def test_delete_over_the_runner_socket(daemon: Daemon) -> None:
     daemon.start()  # nothing of it comes back
     async with RunnerClient(cfg.socket) as client:
         assert [j.id for j in await client.list_jobs("root", "admin")] == []
+
+
+async def test_the_index_of_ended_jobs_is_only_a_cache_of_their_directories(
+    runner_config: RunnerConfig,
+) -> None:
+    """A missing index, a line a crash cut short, an entry for a directory that is gone, a
+    deletion a crash interrupted: a restart lists exactly the jobs on disk."""
+    index = runner_config.state_dir / store.INDEX_FILE
+    async with manager_with(runner_config) as m:
+        done = [(await noop(m)).id for _ in range(3)]
+    assert [e.id for e in store.read_index(runner_config.state_dir).values()] == done
+
+    index.unlink()
+    async with manager_with(runner_config) as m:
+        assert [j.id for j in m.list()] == done
+    assert index.exists()
+
+    with index.open("ab") as f:
+        f.write(b'["E", "ZZZZZZ", 1, 2, "mallory", 3')  # cut short: no end, no newline
+    (runner_config.jobs_dir / done[0]).rename(runner_config.jobs_dir / f".deleting-{done[0]}")
+    async with manager_with(runner_config) as m:
+        assert [j.id for j in m.list()] == done[1:]
+        with pytest.raises(NotFound):
+            m.status(done[0])
+        assert (await noop(m)).id in {j.id for j in m.list()}
+    assert on_disk(runner_config) == set(store.read_index(runner_config.state_dir))
+    assert not any(p.name.startswith(".") for p in runner_config.jobs_dir.iterdir())
