@@ -3,9 +3,9 @@
 It is a library: the daemon serves it over the Unix socket, and tests use it in-process.
 State lives on disk (see :mod:`workernator_runner.store`); the manager keeps every running
 job's status in memory, and of a job that has ended only a small record (id, times, owner,
-output size: :class:`store.Ended`), also kept in ``jobs/index`` so that a start reads one file,
-not every job's; an ended job's status is read from its directory when asked for. Two kernel
-notifications keep the running jobs' status true without polling:
+output size: :class:`store.Ended`), also kept in ``<state_dir>/jobs.index`` so that a start
+reads one file, not every job's; an ended job's status is read from its directory when asked
+for. Two kernel notifications keep the running jobs' status true without polling:
 
 - a pidfd per running job's monitor: when the monitor exits, the manager re-reads the job's
   state, and a job whose monitor died without recording its end is marked lost;
