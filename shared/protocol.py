@@ -17,7 +17,7 @@ Conversation::
     client -> runner   hello    {version, software}
     runner -> client   hello    {version, software}
     client -> runner   request  {id, op, caller: {user, role}, args: {...}}
-    runner -> client   job      {id, job}            start, stop, status
+    runner -> client   job      {id, job}            start, stop, status, delete
                        types    {id, types}          types
                        jobs     {id, jobs}           list   (a stream; ends with "end")
                        output   {id, chunks}         tail   (a stream; ends with "end")
