@@ -54,14 +54,14 @@ async def timed_last_page(cfg: RunnerConfig, times: int = 5) -> float:
     """The median time of a list of the last page (what the api asks for it), through the
     runner's socket."""
     keys = sorted((e.created_ns, e.id) for e in store.read_index(cfg.state_dir).values())
-    after = keys[-PAGE - 1]
+    after = keys[-PAGE - 1] if len(keys) > PAGE else None  # at most a page: all of it
     seconds = []
     async with RunnerClient(cfg.socket) as client:
         for _ in range(times):
             started = time.perf_counter()
             page = [job async for job in client.iter_jobs("root", "admin", after=after)]
             seconds.append(time.perf_counter() - started)
-            assert len(page) == PAGE
+            assert len(page) == min(PAGE, len(keys))
     return statistics.median(seconds)
 
 
