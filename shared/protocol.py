@@ -17,7 +17,7 @@ Conversation::
     client -> runner   hello    {version, software}
     runner -> client   hello    {version, software}
     client -> runner   request  {id, op, caller: {user, role}, args: {...}}
-    runner -> client   job      {id, job}            start, stop, status
+    runner -> client   job      {id, job}            start, stop, status, delete
                        types    {id, types}          types
                        jobs     {id, jobs}           list   (a stream; ends with "end")
                        output   {id, chunks}         tail   (a stream; ends with "end")
@@ -84,6 +84,7 @@ class Op(enum.StrEnum):
     LIST = "list"
     TAIL = "tail"
     TYPES = "types"
+    DELETE = "delete"  # a finished job: its record, output and workspace
 
 
 STREAMING_OPS = frozenset({Op.LIST, Op.TAIL})
@@ -118,7 +119,7 @@ class StartArgs:
 
 @dataclass(frozen=True)
 class JobRef:
-    """Arguments of ``stop`` and ``status``."""
+    """Arguments of ``stop``, ``status`` and ``delete``."""
 
     job_id: str
 
@@ -453,6 +454,7 @@ _OP_ARGS: dict[Op, Schema] = {
         },
     ),
     Op.TYPES: t_record({}),
+    Op.DELETE: t_record({"job_id": _JOB_ID}),
 }
 
 _USAGE = t_record(
@@ -675,6 +677,7 @@ _ARGS_FROM_WIRE: dict[Op, Callable[[dict[str, Any]], OpArgs]] = {
     Op.LIST: lambda d: ListArgs(**d),
     Op.TAIL: lambda d: TailArgs(**d),
     Op.TYPES: lambda d: TypesArgs(),
+    Op.DELETE: lambda d: JobRef(**d),
 }
 
 _ARGS_TYPE: dict[Op, type] = {
@@ -684,6 +687,7 @@ _ARGS_TYPE: dict[Op, type] = {
     Op.LIST: ListArgs,
     Op.TAIL: TailArgs,
     Op.TYPES: TypesArgs,
+    Op.DELETE: JobRef,
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.nethosts import JOB_USER, EgressLab, ensure_job_user
-from workernator_runner.config import RunnerConfig
+from workernator_runner.config import Retention, RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
 
@@ -176,7 +176,16 @@ def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
         f'egress_bridge = "{cfg.egress_bridge}"\n'
         f'egress_subnet = "{cfg.egress_subnet}"\n'
         f'resolv_conf = "{cfg.resolv_conf}"\n'
+        f"max_job_output = {cfg.max_job_output}\n"
     )
+    if cfg.retention != Retention():  # last, and only then: tests append keys to [runner]
+        with path.open("a") as f:
+            f.write(
+                "[retention]\n"
+                f"max_jobs = {cfg.retention.max_jobs}\n"
+                f'max_age = "{int(cfg.retention.max_age_seconds)}s"\n'
+                f"max_output_bytes = {cfg.retention.max_output_bytes}\n"
+            )
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Who may do what (design section 8): roles, and ownership of jobs.
 
-- ``admin``: everything.
+- ``admin``: everything, and only admins delete jobs (any job that has ended).
 - ``user``: start jobs; see, tail and stop their own jobs.
 - ``viewer``: see and tail every job; start and stop nothing.
 
@@ -25,6 +25,7 @@ class Action(enum.StrEnum):
     STOP = "stop"
     READ = "read"  # status, output, list
     TYPES = "types"
+    DELETE = "delete"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
@@ -35,7 +36,7 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
 
 # Roles that act on every job; the others act on their own jobs only.
 _SEES_ALL: dict[Role, frozenset[Action]] = {
-    Role.ADMIN: frozenset({Action.STOP, Action.READ}),
+    Role.ADMIN: frozenset({Action.STOP, Action.READ, Action.DELETE}),
     Role.USER: frozenset(),
     Role.VIEWER: frozenset({Action.READ}),
 }

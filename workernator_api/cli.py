@@ -7,6 +7,7 @@
     workernator jobs status ID              how a job is doing, or how it ended
     workernator jobs tail ID                its output, from the first byte, following it
     workernator jobs stop ID                stop it
+    workernator jobs delete ID              delete an ended job and its output (admins)
     workernator jobs list                   the jobs you may see
     workernator jobs types                  the job types the server runs, and their arguments
     workernator certs init DIR ...          the CAs, a server certificate and client certificates
@@ -319,6 +320,11 @@ class Api:
             request_serializer=pb.StopJobRequest.SerializeToString,
             response_deserializer=pb.StopJobResponse.FromString,
         )
+        self._delete = ch.unary_unary(
+            _SERVICE + "DeleteJob",
+            request_serializer=pb.DeleteJobRequest.SerializeToString,
+            response_deserializer=pb.DeleteJobResponse.FromString,
+        )
         self._status = ch.unary_unary(
             _SERVICE + "GetJobStatus",
             request_serializer=pb.GetJobStatusRequest.SerializeToString,
@@ -364,6 +370,9 @@ class Api:
     def stop(self, job_id: str) -> pb.JobStatus:
         request = pb.StopJobRequest(job_id=job_id)
         return self._call(self._stop, request, timeout=STOP_TIMEOUT_SECONDS).job
+
+    def delete(self, job_id: str) -> pb.JobStatus:
+        return self._call(self._delete, pb.DeleteJobRequest(job_id=job_id)).job
 
     def status(self, job_id: str) -> pb.JobStatus:
         return self._call(self._status, pb.GetJobStatusRequest(job_id=job_id)).job
@@ -1114,6 +1123,24 @@ def stop(ctx: click.Context, job_id: str) -> None:
     else:
         label = fmt.STATE_LABELS.get(job.state, "ended")
         click.echo(f"Job {job.id} had already ended: {label}.")
+
+
+@jobs.command("delete", short_help="Delete an ended job and its output (admins).")
+@job_id_argument
+@client_options
+@click.pass_context
+def delete(ctx: click.Context, job_id: str) -> None:
+    """Delete a job that has ended: its status, its output and what it left on the server.
+
+    Only admins may delete jobs. A running job is refused: stop it first.
+    """
+    settings = _settings(ctx)
+    with connect(settings, job_id=job_id) as api:
+        job = api.delete(job_id)
+    if settings.json:
+        _print_json(fmt.job_to_dict(job))
+    else:
+        click.echo(f"Deleted job {job.id}.")
 
 
 class _OutputWriter:

@@ -290,6 +290,10 @@ class RunnerClient:
     async def stop(self, user: str, role: str, job_id: str) -> JobStatus:
         return _job(await self._unary(p.Op.STOP, user, role, p.JobRef(job_id)))
 
+    async def delete(self, user: str, role: str, job_id: str) -> JobStatus:
+        """Delete a finished job; ``FailedPrecondition`` while it runs. Its last status."""
+        return _job(await self._unary(p.Op.DELETE, user, role, p.JobRef(job_id)))
+
     async def status(self, user: str, role: str, job_id: str) -> JobStatus:
         return _job(await self._unary(p.Op.STATUS, user, role, p.JobRef(job_id)))
 

@@ -374,6 +374,17 @@ class JobService(pb_grpc.JobServiceServicer):
 
         return await self._call(context, request, stop, seconds=STOP_TIMEOUT_SECONDS)
 
+    async def DeleteJob(
+        self, request: pb.DeleteJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteJobResponse:
+        async def delete(identity: authz.Identity, runner: RunnerClient) -> pb.DeleteJobResponse:
+            await self._owned_job(runner, identity, authz.Action.DELETE, request.job_id)
+            job = await runner.delete(identity.user, identity.role, request.job_id)
+            log.job("job deleted", job, by=identity.user)
+            return pb.DeleteJobResponse(job=_status(job))
+
+        return await self._call(context, request, delete)
+
     async def GetJobStatus(
         self, request: pb.GetJobStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetJobStatusResponse:

@@ -21,6 +21,13 @@ Example (``/etc/workernator/runner.toml``)::
     resolv_conf = "/etc/resolv.conf"         # name servers for egress jobs
     keep_jobs_on_stop = false                # under systemd: a stop of the unit (not a
                                              # restart) leaves running jobs running too
+    max_job_output = "1G"                    # a job whose output reaches this is stopped
+                                             # (FAILED, with the reason); K, M, G, T
+
+    [retention]                              # finished jobs kept; beyond any of these the
+    max_jobs = 10000                         # ones that ended first are deleted (running
+    max_age = "7d"                           # jobs never): s, m, h or d
+    max_output_bytes = "10G"                 # all finished jobs' output together
 
     [limits]                                 # a job's cgroup: what it gets when it does not
     cpu = 1.0                                # ask (CPUs), and the most it may ask for
@@ -58,6 +65,17 @@ DEFAULT_PATH = Path("/etc/workernator/runner.toml")
 DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
 DEFAULT_POLICY = Policy(maxima=ResourceLimits(pids=4096))
 MAX_UID = 2**32 - 2
+DEFAULT_MAX_JOB_OUTPUT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many finished jobs are kept, and for how long: beyond any bound, the ones that
+    ended first are deleted (directory and output). Running jobs are never deleted."""
+
+    max_jobs: int = 10_000
+    max_age_seconds: float = 7 * 86400.0
+    max_output_bytes: int = 10 << 30
 
 
 class ConfigError(ValueError):
@@ -81,7 +99,9 @@ class RunnerConfig:
     egress_subnet: ipaddress.IPv4Network = DEFAULT_EGRESS_SUBNET
     resolv_conf: Path = Path("/etc/resolv.conf")
     keep_jobs_on_stop: bool = False
+    max_job_output: int = DEFAULT_MAX_JOB_OUTPUT  # bytes of output file; then it is stopped
     limits: Policy = DEFAULT_POLICY
+    retention: Retention = Retention()
 
     @property
     def jobs_dir(self) -> Path:
@@ -192,12 +212,54 @@ def _parse_limits(section: Any) -> Policy:
     return policy
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE = re.compile(r"(\d{1,9})\s*([smhd])")
+
+
+def _size(value: Any, name: str) -> int:
+    """A size in bytes: an integer, or a string like "10G" (see shared.units)."""
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    size: int = _expect(value, int, name)
+    if size <= 0:
+        raise ConfigError(f"{name}: must be more than 0")
+    return size
+
+
+def _parse_retention(section: Any) -> Retention:
+    section = _expect(section, dict, "retention")
+    unknown = set(section) - {"max_jobs", "max_age", "max_output_bytes"}
+    if unknown:
+        raise ConfigError(f"[retention]: unknown key(s): {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {}
+    if "max_jobs" in section:
+        count = _expect(section["max_jobs"], int, "retention.max_jobs")
+        if not 1 <= count <= 10_000_000:
+            raise ConfigError("retention.max_jobs: must be between 1 and 10000000")
+        kw["max_jobs"] = count
+    if "max_age" in section:
+        text = _expect(section["max_age"], str, "retention.max_age")
+        match = _AGE.fullmatch(text.strip())
+        if match is None or int(match.group(1)) == 0:
+            raise ConfigError(
+                f"retention.max_age: {text!r} is not an age: give a number and s, m, h or d, "
+                'like "7d" or "12h"'
+            )
+        kw["max_age_seconds"] = float(int(match.group(1)) * _AGE_UNITS[match.group(2)])
+    if "max_output_bytes" in section:
+        kw["max_output_bytes"] = _size(section["max_output_bytes"], "retention.max_output_bytes")
+    return Retention(**kw)
+
+
 def parse(data: dict[str, Any]) -> RunnerConfig:
-    unknown_sections = set(data) - {"runner", "limits"}
+    unknown_sections = set(data) - {"runner", "limits", "retention"}
     if unknown_sections:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown_sections))}")
     section = data.get("runner", {})
-    known = set(RunnerConfig.__dataclass_fields__) - {"limits"}
+    known = set(RunnerConfig.__dataclass_fields__) - {"limits", "retention"}
     unknown = set(section) - known
     if unknown:
         raise ConfigError(f"[runner]: unknown key(s): {', '.join(sorted(unknown))}")
@@ -255,6 +317,8 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             kw[key] = subnet
         elif key == "keep_jobs_on_stop":
             kw[key] = _expect(value, bool, name)
+        elif key == "max_job_output":
+            kw[key] = _size(value, name)
         elif key == "job_user":
             user = _expect(value, str, name)
             if not user:
@@ -264,6 +328,8 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             kw[key] = _expect(value, str, name)
     if "limits" in data:
         kw["limits"] = _parse_limits(data["limits"])
+    if "retention" in data:
+        kw["retention"] = _parse_retention(data["retention"])
     return RunnerConfig(**kw)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import stat
@@ -157,14 +158,19 @@ class _Session:
             job = await m.stop(args.job_id)
             log.job("job stopped", job, by=request.caller.user)
             await self.send(p.JobReply(rid, job))
+        elif isinstance(args, p.JobRef) and request.op is p.Op.DELETE:
+            job = m.delete(args.job_id)
+            log.job("job deleted", job, by=request.caller.user)
+            await self.send(p.JobReply(rid, job))
         elif isinstance(args, p.JobRef):
             await self.send(p.JobReply(rid, m.status(args.job_id)))
         elif isinstance(args, p.TypesArgs):
             await self.send(p.TypesReply(rid, [j.spec.describe() for j in m.registry.values()]))
         elif isinstance(args, p.ListArgs):
-            jobs = m.list(owner=args.owner, after=args.after)
-            for start in range(0, len(jobs), JOBS_PER_FRAME):
-                await self.send(p.JobsItem(rid, jobs[start : start + JOBS_PER_FRAME]))
+            # A frame at a time: a reader that wants one page cancels before the rest is read.
+            jobs = m.iter_list(owner=args.owner, after=args.after)
+            while page := list(itertools.islice(jobs, JOBS_PER_FRAME)):
+                await self.send(p.JobsItem(rid, page))
             await self.send(p.End(rid))
         elif isinstance(args, p.TailArgs):
             batches = m.read_output_batches(

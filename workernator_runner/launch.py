@@ -73,6 +73,7 @@ class Init:
     egress: EgressConfig | None
     cgroups: cgroups.Layout
     default_limits: ResourceLimits = NO_LIMITS  # what most jobs get: spares are set so
+    max_output_bytes: int = 0  # a job whose output reaches this is stopped (0 = no cap)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def encode_init(init: Init) -> bytes:
             "io_problem": init.cgroups.io_problem,
         },
         "default_limits": init.default_limits.as_dict(),
+        "max_output_bytes": init.max_output_bytes,
     }
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return INIT + packed
@@ -155,9 +157,12 @@ def decode_init(message: bytes) -> Init:
             "egress": (dict, type(None)),
             "cgroups": dict,
             "default_limits": dict,
+            "max_output_bytes": int,
         },
         "init",
     )
+    if not 0 <= data["max_output_bytes"] < 2**63:
+        raise MessageError("init: max_output_bytes out of range")
     defaults = _limits(data["default_limits"], "init default_limits")
     if not all(isinstance(m, str) for m in data["job_modules"]):
         raise MessageError("init: job_modules must be strings")
@@ -195,6 +200,7 @@ def decode_init(message: bytes) -> Init:
         egress=egress,
         cgroups=layout,
         default_limits=defaults,
+        max_output_bytes=data["max_output_bytes"],
     )
 
 

@@ -88,6 +88,7 @@ class Launcher:
             egress=self.egress,
             cgroups=init.cgroups,
             default_limits=init.default_limits,
+            max_output_bytes=init.max_output_bytes,
         )
         _remove_dead_spares(self.host.workspaces_dir)
         self.notices, self.notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

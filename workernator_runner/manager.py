@@ -1,8 +1,11 @@
 """The job manager: start, stop, status, list and read output (design sections 5 and 6).
 
 It is a library: the daemon serves it over the Unix socket, and tests use it in-process.
-State lives on disk (see :mod:`workernator_runner.store`); the manager keeps a cache of every
-job's status. Two kernel notifications keep that cache true without polling:
+State lives on disk (see :mod:`workernator_runner.store`); the manager keeps every running
+job's status in memory, and of a job that has ended only a small record (id, times, owner,
+output size: :class:`store.Ended`), also kept in ``<state_dir>/jobs.index`` so that a start
+reads one file, not every job's; an ended job's status is read from its directory when asked
+for. Two kernel notifications keep the running jobs' status true without polling:
 
 - a pidfd per running job's monitor: when the monitor exits, the manager re-reads the job's
   state, and a job whose monitor died without recording its end is marked lost;
@@ -12,6 +15,11 @@ job's status. Two kernel notifications keep that cache true without polling:
 Both work for monitors that an earlier runner process started, so a restarted runner re-adopts
 running jobs.
 
+Finished jobs are kept by the retention policy (``[retention]`` in the config): at most so many,
+for at most so long, with at most so much output in all. Beyond any bound the jobs that ended
+first are deleted; running jobs never are. The policy is applied at start, whenever a job ends,
+and by one timer set for when the oldest finished job expires (an idle runner never polls).
+
 Jobs are not forked from here: :meth:`JobManager.open` starts the launcher (a fork server, see
 :mod:`workernator_runner.launcher`) before it reads any job, and every start goes through it.
 """
@@ -19,6 +27,7 @@ Jobs are not forked from here: :meth:`JobManager.open` starts the launcher (a fo
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins
 import contextlib
 import dataclasses
@@ -28,7 +37,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,7 @@ NO_LIMITS = ResourceLimits()
 STOP_MARGIN_SECONDS = 10.0  # on top of the grace period, for the monitor to record the end
 WATCH_MASK = inotify.IN_MODIFY | inotify.IN_MOVED_TO | inotify.IN_ONLYDIR
 MAX_BATCH_BYTES = 256 * 1024
+DELETING_PREFIX = ".deleting-"  # a job directory being removed: gone whole, even after a crash
 
 
 @dataclass
@@ -86,7 +96,14 @@ class JobManager:
         self._use_freezer = use_freezer  # kill as on a v1-only host (tests of hybrid hosts)
         self.cgroups: cgroups.Layout | None = None
         self._launcher: Launcher | None = None
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job] = {}  # running jobs (and, briefly, one that just ended)
+        self._finished: dict[str, store.Ended] = {}  # in the order they ended: first goes first
+        self._finished_bytes = 0  # their output in all
+        self._order: builtins.list[tuple[int, str]] = []  # every job's (created_ns, id), sorted
+        self._index_fd: int | None = None  # jobs/index, appended to as jobs end or go
+        self._index_lines = 0
+        self._loaded = False  # the policy applies once every job is known
+        self._expiry: asyncio.TimerHandle | None = None  # when the oldest one expires
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
         self._last_address: ipaddress.IPv4Interface | None = None  # the next is after it
@@ -131,6 +148,7 @@ class JobManager:
             ),
             cgroups=self.cgroups,
             default_limits=cfg.limits.effective(NO_LIMITS),
+            max_output_bytes=cfg.max_job_output,
         )
         # Before any job is read: the launcher must never have seen anyone's data.
         self._launcher = await Launcher.spawn(init, self._launcher_exited)
@@ -141,10 +159,65 @@ class JobManager:
             self.egress = egress
         self._inotify = inotify.Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
-        for job_dir in sorted(cfg.jobs_dir.iterdir()):
-            if ids.is_job_id(job_dir.name):
-                self._load(job_dir)
+        self._load_all()
         self._remove_leftovers()
+        self._apply_retention()
+
+    def _load_all(self) -> None:
+        """Every job: those the index names from it, the others (running, or ended while no
+        runner ran) from their directories. Then the index is written anew from what is on
+        disk, so nothing it said about a job directory that is gone survives."""
+        jobs_dir = self.config.jobs_dir
+        indexed = store.read_index(self.config.state_dir)
+        for name in sorted(os.listdir(jobs_dir)):
+            if not ids.is_job_id(name):
+                continue
+            entry = indexed.get(name)
+            if entry is not None:
+                self._finished[name] = entry
+                self._finished_bytes += entry.output_bytes
+            else:
+                self._load(jobs_dir / name)
+        ended = sorted(self._finished.values(), key=lambda e: (e.ended_ns, e.id))
+        self._finished = {e.id: e for e in ended}
+        self._order = sorted(
+            [(e.created_ns, e.id) for e in ended]
+            + [(j.request.created_ns, j.request.id) for j in self._jobs.values()]
+        )
+        try:
+            store.write_index(self.config.state_dir, ended)
+            self._index_fd = store.open_index(self.config.state_dir)
+        except OSError as exc:  # a full disk, say: the next start reads every job instead
+            self._index_failed(exc)
+        self._index_lines = len(ended)
+        self._loaded = True
+
+    def _index_append(self, entry: store.Ended | str) -> None:
+        """Add a line to the index; rewrite it whole when most of its lines are outdated."""
+        if self._index_fd is None:
+            return
+        try:
+            if self._index_lines > 2 * len(self._finished) + 1000:
+                os.close(self._index_fd)
+                self._index_fd = None
+                store.write_index(self.config.state_dir, builtins.list(self._finished.values()))
+                self._index_fd = store.open_index(self.config.state_dir)
+                self._index_lines = len(self._finished)
+            else:
+                os.write(self._index_fd, store.index_line(entry))
+                self._index_lines += 1
+        except OSError as exc:
+            self._index_failed(exc)
+
+    def _index_failed(self, exc: OSError) -> None:
+        """An index that missed a change must not be trusted: it goes (an unlink works on a
+        full disk), and the next start reads every job's directory and writes it anew."""
+        log.error("the job index cannot be written; it is removed", error=str(exc))
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.config.state_dir / store.INDEX_FILE)
 
     def _egress_plan(self) -> network.Egress | None:
         cfg = self.config
@@ -168,6 +241,12 @@ class JobManager:
     def _remove_leftovers(self) -> None:
         """Remove what jobs that no longer run left behind (a crash, say): workspaces, veths."""
         running = {job_id for job_id, job in self._jobs.items() if not job.state.state.finished}
+        for path in self.config.jobs_dir.iterdir():
+            if path.name.startswith(DELETING_PREFIX):  # a deletion a crash interrupted
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.config.state_dir.iterdir():
+            if path.name.startswith(f".{store.INDEX_FILE}.") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # an index rewrite a crash interrupted
         for path in self.config.workspaces_dir.iterdir():
             if ids.is_job_id(path.name) and path.name not in running:  # spares: the launcher's
                 log.info("removing a leftover workspace", path=str(path))
@@ -198,6 +277,12 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop serving. Running jobs go on: their monitors do not depend on this process."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
         for job in self._jobs.values():
             self._unwatch(job)
         if self._loop is not None and self._inotify is not None:
@@ -247,6 +332,7 @@ class JobManager:
         job.state = state
         if state.state.finished:
             self._unwatch(job)
+            self._ended(job, apply=False)  # the policy applies once all are read
             return
         self._hold_address(job)
         if self._watch_monitor(job):
@@ -351,6 +437,8 @@ class JobManager:
             self._unwatch(job)
         if job.state.state.finished and not was_finished and job.request.id in self._jobs:
             log.job("job ended", job.status)
+        if job.state.state.finished:
+            self._ended(job)
         job.notify()
 
     def _lost(self, job: _Job) -> None:
@@ -375,16 +463,111 @@ class JobManager:
             log.error("cannot record the end of a lost job", job=job.request.id, error=str(exc))
             self._unwatch(job)
             job.notify()
+            self._ended(job)
             return
         self._refresh(job)
+        self._ended(job)
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def _ended(self, job: _Job, *, apply: bool = True) -> None:
+        """A job has ended: keep only its small record (once), then apply the policy."""
+        job_id = job.request.id
+        if self._jobs.get(job_id) is not job:
+            return
+        del self._jobs[job_id]
+        try:
+            size = os.stat(job.dir / store.OUTPUT_FILE).st_size
+        except OSError:  # it never started, or it is unreadable: nothing to count
+            size = 0
+        ended_ns = job.state.ended_ns or job.request.created_ns
+        entry = store.Ended(job_id, job.request.created_ns, ended_ns, job.request.owner, size)
+        self._finished[job_id] = entry
+        self._finished_bytes += size
+        self._index_append(entry)
+        if apply and self._loaded:
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Delete the finished jobs beyond the policy, those that ended first first; the one
+        that ended last is kept whatever its output's size. Then set the timer for the next
+        expiry."""
+        policy = self.config.retention
+        max_age_ns = int(policy.max_age_seconds * 1e9)
+        now = time.time_ns()
+        while self._finished:
+            oldest = next(iter(self._finished.values()))
+            over = len(self._finished) > policy.max_jobs or (
+                len(self._finished) > 1 and self._finished_bytes > policy.max_output_bytes
+            )
+            if not over and oldest.ended_ns + max_age_ns > now:
+                break
+            log.info("deleting job (retention)", job=oldest.id, owner=oldest.owner)
+            self._remove(oldest)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._finished and self._loop is not None:
+            oldest = next(iter(self._finished.values()))
+            delay = (oldest.ended_ns + max_age_ns - now) / 1e9
+            self._expiry = self._loop.call_later(max(delay, 0.0), self._apply_retention)
+
+    def _remove(self, entry: store.Ended) -> None:
+        """Forget an ended job and remove what it has on disk. The directory is renamed
+        first, so a crash halfway leaves no half job: :meth:`open` removes the rest."""
+        job_id = entry.id
+        del self._finished[job_id]
+        self._finished_bytes -= entry.output_bytes
+        where = bisect.bisect_left(self._order, (entry.created_ns, job_id))
+        if where < len(self._order) and self._order[where] == (entry.created_ns, job_id):
+            del self._order[where]
+        self._index_append(job_id)
+        job_dir = self.config.jobs_dir / job_id
+        doomed = job_dir.with_name(f"{DELETING_PREFIX}{job_id}")
+        try:
+            os.rename(job_dir, doomed)
+        except FileNotFoundError:
+            doomed = job_dir
+        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(self.config.workspaces_dir / job_id, ignore_errors=True)
+
+    def _read_ended(self, entry: store.Ended) -> _Job:
+        """An ended job as its directory has it."""
+        job_dir = self.config.jobs_dir / entry.id
+        try:
+            request = store.read_request(job_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise Internal(f"job {entry.id}: its record cannot be read: {exc}") from None
+        try:
+            state = store.read_state(job_dir)
+        except OSError as exc:
+            raise Internal(f"job {entry.id}: its state cannot be read: {exc}") from None
+        except ValueError as exc:  # replaced whole by every writer: corrupt, not half-written
+            log.error("unreadable job state", job=entry.id, error=str(exc))
+            state = store.StateFile(
+                state=JobState.FAILED,
+                ended_ns=entry.ended_ns,
+                error=f"the job's state was unreadable: {exc}",
+            )
+            try:
+                store.write_state(job_dir, state)
+            except OSError as write_exc:
+                log.error("job state not replaced", job=entry.id, error=str(write_exc))
+        if state is None or not state.state.finished:
+            raise Internal(f"job {entry.id}: its state says it has not ended")
+        return _Job(request, state, job_dir)
 
     # --- operations ---------------------------------------------------------------------------
 
     def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id) if ids.is_job_id(job_id) else None
-        if job is None:
-            raise NotFound(f"job {job_id!r} not found")
-        return job
+        if ids.is_job_id(job_id):
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return job
+            entry = self._finished.get(job_id)
+            if entry is not None:
+                return self._read_ended(entry)
+        raise NotFound(f"job {job_id!r} not found")
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status; a running job's usage is read from its cgroup now (lists show
@@ -410,13 +593,28 @@ class JobManager:
     ) -> list[JobStatus]:
         """Jobs oldest first by (created_ns, id); only those of ``owner`` if given, and only
         those after the job ``after`` names by its (created_ns, id) if given."""
-        jobs = sorted(self._jobs.values(), key=_list_order)
-        return [
-            j.status
-            for j in jobs
-            if (owner is None or j.request.owner == owner)
-            and (after is None or _list_order(j) > after)
-        ]
+        return builtins.list(self.iter_list(owner, after))
+
+    def iter_list(
+        self, owner: str | None = None, after: tuple[int, str] | None = None
+    ) -> Iterator[JobStatus]:
+        """:meth:`list`, one job at a time: a page costs its own jobs' reads, wherever it is
+        in the history. Jobs deleted meanwhile are left out."""
+        start = 0 if after is None else bisect.bisect_right(self._order, after)
+        for _, job_id in self._order[start:]:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                if owner is None or job.request.owner == owner:
+                    yield job.status
+                continue
+            entry = self._finished.get(job_id)
+            if entry is None or (owner is not None and entry.owner != owner):
+                continue
+            try:
+                yield self._read_ended(entry).status
+            except Internal as exc:  # one damaged job does not hide all the others
+                if job_id in self._finished:
+                    log.error("job left out of a list", job=job_id, error=exc.message)
 
     async def start(
         self,
@@ -457,6 +655,7 @@ class JobManager:
             limits=effective,
         )
         job = _Job(request, store.StateFile(), job_dir)
+        key = (request.created_ns, job_id)
         header = wire.LaunchHeader(
             job_id, job_type, self.config.stop_grace_seconds, request.address, effective
         )
@@ -478,10 +677,12 @@ class JobManager:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self._jobs[job_id] = job
+        bisect.insort(self._order, key)
         log.job("job started", job.status, pid=job.state.job_pid)
         if job.state.state.finished:  # a very short job may have ended already
             self._unwatch(job)
             log.job("job ended", job.status)
+            self._ended(job)
         else:  # an end recorded from now on is seen: the directory was watched before
             self._watch_monitor(job)
         return job.status
@@ -517,6 +718,19 @@ class JobManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
         return job.status
+
+    def delete(self, job_id: str) -> JobStatus:
+        """Delete a finished job: its record, output and workspace. Returns its last status;
+        FailedPrecondition for a running job (stop it first)."""
+        job = self._get(job_id)
+        if not job.state.state.finished:
+            raise FailedPrecondition(
+                f"job {job_id} is still running: stop it first, then delete it"
+            )
+        self._ended(job, apply=False)  # if its end is known but not counted yet
+        status = job.status
+        self._remove(self._finished[job_id])
+        return status
 
     async def read_output(
         self,
@@ -578,10 +792,6 @@ class JobManager:
                 if finished or not follow:
                     return
                 await changed.wait()
-
-
-def _list_order(job: _Job) -> tuple[int, str]:
-    return job.request.created_ns, job.request.id
 
 
 def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:

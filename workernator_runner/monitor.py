@@ -64,6 +64,7 @@ class Host:
     egress: network.Egress | None
     cgroups: cgroups.Layout
     default_limits: ResourceLimits  # set on a spare's cgroup: most jobs need no write
+    max_output_bytes: int = 0  # a job whose output reaches this is stopped (0 = no cap)
 
 
 class StartFailed(Exception):
@@ -179,7 +180,7 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         with contextlib.suppress(OSError):
             store.write_state_at(dir_fd, dataclasses.replace(state, error=problem), durable=False)
 
-    pump = _Pump(output_fd, output_lost)
+    pump = _Pump(output_fd, output_lost, host.max_output_bytes)
     wait_status = job.supervise(wake_r, pump, state, header.grace_seconds)
     pump.flush_all()
     usage = job.finish()
@@ -187,6 +188,10 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     _finish(state, wait_status, usage, pump.write_error, header.limits)
     if state.state is JobState.FAILED:
         state.failure_reason = failure_reason(pump.stderr_line.result())
+    if pump.capped:  # not the user's stop, nor the job's own failure: say what it was
+        state.state = JobState.FAILED
+        state.error = pump.cap_text + (f"; {state.error}" if state.error else "")
+        state.failure_reason = failure_reason(pump.cap_text.encode())
     store.sync_file(dir_fd, store.JOB_FILE)  # written quickly at the start; now for keeps
     store.write_state_at(dir_fd, state, reserve=last_write)
     return 0
@@ -388,6 +393,7 @@ class _Job:
         result: int | None = None
         kill_at: float | None = None
         drain_until: float | None = None
+        capped = False
         while open_pipes or result is None:
             deadlines = [d for d in (pump.next_deadline(), kill_at, drain_until) if d is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -418,6 +424,10 @@ class _Job:
                         kill_at = time.monotonic() + grace_seconds
             now = time.monotonic()
             pump.flush_due(now)
+            if pump.capped and not capped and result is None:  # stopped, as by a user
+                capped = True
+                self._signal_init(signal.SIGTERM)
+                kill_at = kill_at or now + grace_seconds
             if kill_at is not None and now >= kill_at:
                 self._signal_init(signal.SIGKILL)  # its namespace goes with it...
                 with contextlib.suppress(OSError):
@@ -451,8 +461,16 @@ class _Job:
 class _Pump:
     """Turns pipe reads into output records that end on line boundaries."""
 
-    def __init__(self, output_fd: int, on_failure: Callable[[str], None]) -> None:
+    def __init__(
+        self, output_fd: int, on_failure: Callable[[str], None], max_bytes: int = 0
+    ) -> None:
         self.fd = output_fd
+        self.max_bytes = max_bytes  # 0: no cap
+        self.capped = False  # the cap was reached: the job is to be stopped
+        self.cap_text = (
+            f"its output reached the limit of {format_size(max_bytes)} (max_job_output); "
+            "it was stopped and the rest of its output dropped"
+        )
         self.end = os.fstat(output_fd).st_size  # where the last whole record ends
         self.on_failure = on_failure
         self.pending = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
@@ -501,10 +519,15 @@ class _Pump:
     def _write(self, stream: Stream, data: bytes) -> None:
         """Append one record whole. When it cannot be (a full disk, a file size limit), cut
         the file back to the last whole record and save no more: a reader must never meet half
-        a record, nor records after a gap."""
-        if self.write_error:
+        a record, nor records after a gap. The record that would pass the cap is replaced by
+        a last one on stderr that says so, and nothing more is saved."""
+        if self.write_error or self.capped:
             return
         record = store.encode_record(time.time_ns(), stream, data)
+        if self.max_bytes and self.end + len(record) > self.max_bytes:
+            self.capped = True
+            note = f"[workernator] {self.cap_text}\n".encode()
+            record = store.encode_record(time.time_ns(), Stream.STDERR, note)
         try:
             left = memoryview(record)
             while left:

@@ -391,3 +391,80 @@ def check_record_start(path: Path, offset: int) -> None:
     else:
         return
     raise ValueError(f"offset {offset} is not where a record starts: {where}")
+
+
+# --- the index of ended jobs ------------------------------------------------------------------
+
+INDEX_FILE = "jobs.index"  # in the state directory, next to jobs/
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """What the runner keeps in memory of a job that has ended: enough to order, filter and
+    apply retention without reading its files (its status is read when asked for)."""
+
+    id: str
+    created_ns: int
+    ended_ns: int
+    owner: str
+    output_bytes: int
+
+
+def index_line(entry: Ended | str) -> bytes:
+    """One line of the index: an ended job, or (a bare id) a job deleted."""
+    if isinstance(entry, str):
+        return json.dumps(["D", entry]).encode() + b"\n"
+    fields = ["E", entry.id, entry.created_ns, entry.ended_ns, entry.owner, entry.output_bytes]
+    return json.dumps(fields).encode() + b"\n"
+
+
+def read_index(state_dir: Path) -> dict[str, Ended]:
+    """The index's ended jobs, later lines overriding earlier ones. It is a cache of what the
+    jobs' directories hold, rebuilt whole at every start: a line a crash cut short (or any
+    line that does not parse) is skipped, and the job it named is read from its directory."""
+    entries: dict[str, Ended] = {}
+    try:
+        data = _read(state_dir / INDEX_FILE)
+    except FileNotFoundError:
+        return entries
+    for line in data.splitlines():
+        try:
+            fields = json.loads(line)
+            if fields[0] == "D" and len(fields) == 2:
+                entries.pop(str(fields[1]), None)
+                continue
+            kind, job_id, created, ended, owner, size = fields
+            if kind != "E" or not all(type(n) is int for n in (created, ended, size)):
+                continue
+            entries[str(job_id)] = Ended(str(job_id), created, ended, str(owner), size)
+        except (ValueError, TypeError, IndexError, KeyError):
+            continue
+    return entries
+
+
+def write_index(state_dir: Path, entries: Iterator[Ended] | list[Ended]) -> None:
+    """Replace the index whole (see :func:`write_json_at` for how)."""
+    body = b"".join(index_line(e) for e in entries)
+    dir_fd = os.open(state_dir, DIR_FLAGS)
+    try:
+        temp, fd = _create_temp(dir_fd, INDEX_FILE)
+        try:
+            try:
+                done = 0
+                while done < len(body):
+                    done += os.write(fd, body[done:])
+            finally:
+                os.close(fd)
+            os.rename(temp, INDEX_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+def open_index(state_dir: Path) -> int:
+    """The index, for appending."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(state_dir / INDEX_FILE, flags, 0o600)

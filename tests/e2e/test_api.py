@@ -15,6 +15,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.errors import NotFound
 from shared.model import JobState
 from tests import pki
 from tests.e2e.conftest import API_USER, Stack
@@ -51,6 +52,12 @@ class Client:
 
     async def stop(self, job_id: str) -> pb.JobStatus:
         response: pb.StopJobResponse = await self.stub.StopJob(pb.StopJobRequest(job_id=job_id))
+        return response.job
+
+    async def delete(self, job_id: str) -> pb.JobStatus:
+        response: pb.DeleteJobResponse = await self.stub.DeleteJob(
+            pb.DeleteJobRequest(job_id=job_id)
+        )
         return response.job
 
     async def list(self, **kw: Any) -> list[pb.JobStatus]:
@@ -300,6 +307,10 @@ async def _call(
         outcome, job = await _outcome(client.stop(job_id))
         assert job is None or job.state == pb.JOB_STATE_STOPPED
         return str(outcome)
+    if method == "DeleteJob":
+        outcome, job = await _outcome(client.delete(job_id))
+        assert job is None or job.id == job_id
+        return str(outcome)
     if method == "ListJobs":  # listed or not, whether or not asked for the owner's jobs
         everything = await _ids_listed(client)
         if isinstance(everything, str):
@@ -352,6 +363,13 @@ async def test_every_role_against_every_method(stack: Stack) -> None:
                             refused = seen != "OK"
                             assert (after.state is JobState.RUNNING) == refused, (user, kind)
                             await runner.stop("root", "admin", job_id)
+                        if method == "DeleteJob" and job_id not in (None, NO_SUCH_JOB):
+                            try:
+                                await runner.status("root", "admin", job_id)
+                                still_there = True
+                            except NotFound:
+                                still_there = False
+                            assert still_there == (seen != "OK"), (user, kind)
         finally:
             for client in clients.values():
                 await client.close()

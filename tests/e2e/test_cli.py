@@ -283,3 +283,25 @@ def test_missing_certificate_setting(stack: Stack) -> None:
         check=False,
     )
     one_line_error(proc, "set --key or WORKERNATOR_KEY")
+
+
+def test_admin_deletes_an_ended_job_and_nothing_of_it_is_left(stack: Stack) -> None:
+    jobs_dir = stack.runner.config.jobs_dir
+    job_id = start(stack, "alice", "wait", "600s", "http://127.0.0.1:9/")
+    try:
+        one_line_error(
+            wn(stack, "admin", "jobs", "delete", job_id), f"job {job_id} is still running"
+        )
+        assert status(stack, "admin", job_id)["state"] == "JOB_STATE_RUNNING"
+        one_line_error(wn(stack, "alice", "jobs", "delete", job_id), "permission denied")
+        one_line_error(wn(stack, "carol", "jobs", "delete", job_id), "permission denied")
+    finally:
+        ok(stack, "admin", "jobs", "stop", job_id)
+    assert (jobs_dir / job_id / "output").exists()
+    assert ok(stack, "admin", "jobs", "delete", job_id) == f"Deleted job {job_id}.\n"
+    assert not (jobs_dir / job_id).exists()
+    assert not (stack.runner.config.workspaces_dir / job_id).exists()
+    assert not [p for p in jobs_dir.iterdir() if job_id in p.name]
+    one_line_error(wn(stack, "admin", "jobs", "status", job_id), f"job {job_id} not found")
+    one_line_error(wn(stack, "admin", "jobs", "delete", job_id), f"job {job_id} not found")
+    assert job_id not in ok(stack, "admin", "jobs", "list")

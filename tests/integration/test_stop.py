@@ -145,6 +145,8 @@ async def test_a_lost_job_is_failed_without_killing_a_process_that_reused_its_pi
         )
         state_file.write_text(json.dumps(state))
         await manager.close()
+        # A job that ran when its runner stopped is not in the index of ended jobs.
+        (manager.config.state_dir / store.INDEX_FILE).unlink()
         await manager.open()  # a new runner finds the job and its monitor gone
         lost = manager.status(job.id)
         assert lost.state is JobState.FAILED

@@ -261,3 +261,44 @@ def test_bad_limits_are_config_errors_naming_the_key(
     with pytest.raises(runner_config.ConfigError) as exc:
         runner_config.parse({"limits": limits})
     assert message in str(exc.value)
+
+
+def test_retention_and_output_cap_defaults_are_documented_ones() -> None:
+    cfg = runner_config.RunnerConfig()
+    assert cfg.retention == runner_config.Retention(10_000, 7 * 86400.0, 10 << 30)
+    assert cfg.max_job_output == 1 << 30
+
+
+def test_retention_section_and_output_cap_are_parsed() -> None:
+    cfg = runner_config.parse(
+        {
+            "runner": {"max_job_output": "64K"},
+            "retention": {"max_jobs": 5, "max_age": "12h", "max_output_bytes": "2G"},
+        }
+    )
+    assert cfg.max_job_output == 64 << 10
+    assert cfg.retention == runner_config.Retention(5, 12 * 3600.0, 2 << 30)
+    assert runner_config.parse({"retention": {"max_age": "30s"}}).retention.max_age_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"retention": {"max_jobs": 0}}, "retention.max_jobs: must be between 1"),
+        ({"retention": {"max_jobs": "10"}}, "retention.max_jobs: expected"),
+        ({"retention": {"max_age": "7"}}, "retention.max_age: '7' is not an age"),
+        ({"retention": {"max_age": "0d"}}, "retention.max_age: '0d' is not an age"),
+        ({"retention": {"max_age": 7}}, "retention.max_age: expected"),
+        ({"retention": {"max_output_bytes": "10GB"}}, "retention.max_output_bytes: '10GB'"),
+        ({"retention": {"max_output_bytes": 0}}, "retention.max_output_bytes: must be more"),
+        ({"retention": {"keep": 1}}, "[retention]: unknown key(s): keep"),
+        ({"runner": {"max_job_output": -1}}, "runner.max_job_output: must be more than 0"),
+        ({"runner": {"max_job_output": "lots"}}, "runner.max_job_output: 'lots' is not a size"),
+    ],
+)
+def test_bad_retention_or_cap_is_a_config_error_naming_the_key(
+    data: dict[str, object], message: str
+) -> None:
+    with pytest.raises(runner_config.ConfigError) as info:
+        runner_config.parse(data)
+    assert message in str(info.value)

@@ -59,6 +59,7 @@ VALID_INIT_BODY: dict[str, Any] = {
         "io_problem": "no disk",
     },
     "default_limits": ResourceLimits().as_dict(),
+    "max_output_bytes": 1 << 30,
 }
 VALID_HEADER_BODY: dict[str, Any] = {
     "id": "XE38YM",
@@ -343,6 +344,8 @@ _EGRESS_BODY = {"bridge": "wn0", "subnet": "10.92.0.0/16", "resolver": "", "reso
         (_init_with(egress={**_EGRESS_BODY, "x": ""}), "init egress: expected exactly"),
         (_init_with(egress={**_EGRESS_BODY, "bridge": None}), "field 'bridge' has the wrong"),
         (_init_with(egress={**_EGRESS_BODY, "resolver": 1}), "field 'resolver' has the wrong"),
+        (_init_with(max_output_bytes=-1), "max_output_bytes out of range"),
+        (_init_with(max_output_bytes="1G"), "field 'max_output_bytes' has the wrong"),
     ],
 )
 def test_malformed_init_messages_are_refused(message: bytes, error: str) -> None:
@@ -352,7 +355,9 @@ def test_malformed_init_messages_are_refused(message: bytes, error: str) -> None
 def test_the_valid_init_body_used_above_is_valid() -> None:
     """The malformed cases above are one change away from this one, which decodes."""
     init = launch.decode_init(_init_with())
-    assert init == launch.Init(1, "/s", (), 1000, 1000, "job", 64, None, V2)
+    assert init == launch.Init(
+        1, "/s", (), 1000, 1000, "job", 64, None, V2, max_output_bytes=1 << 30
+    )
     assert launch.decode_init(_init_with(egress=_EGRESS_BODY)).egress == launch.EgressConfig(
         "wn0", "10.92.0.0/16", "", ""
     )

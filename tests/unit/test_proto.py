@@ -187,7 +187,15 @@ def test_service_shape() -> None:
     assert service.full_name == "workernator.v1.JobService"
     methods = {m.name: m for m in service.methods}
     assert sorted(methods) == sorted(
-        ["StartJob", "StopJob", "GetJobStatus", "TailJobOutput", "ListJobs", "ListJobTypes"]
+        [
+            "StartJob",
+            "StopJob",
+            "DeleteJob",
+            "GetJobStatus",
+            "TailJobOutput",
+            "ListJobs",
+            "ListJobTypes",
+        ]
     )
     for name, method in methods.items():
         assert method.input_type.name == f"{name}Request"

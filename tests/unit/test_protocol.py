@@ -44,6 +44,7 @@ CLIENT_MESSAGES: list[p.ClientMessage] = [
     p.Request(7, p.Op.TAIL, CALLER, p.TailArgs("XE38YM", False, 1234, None)),
     p.Request(8, p.Op.TAIL, CALLER, p.TailArgs("XE38YM", True, None, 10)),
     p.Request(9, p.Op.TYPES, CALLER, p.TypesArgs()),
+    p.Request(11, p.Op.DELETE, CALLER, p.JobRef("XE38YM")),
     p.Cancel(6),
 ]
 SERVER_MESSAGES: list[p.ServerMessage] = [
@@ -117,6 +118,9 @@ BAD_REQUESTS = [
     (_request(args={"job_id": 5}), "expected a string"),
     (_request(args={"job_id": "X", "extra": 1}), "unknown field 'extra'"),
     (_request(args={}), "missing field 'job_id'"),
+    (_request(op="delete", args={}), "missing field 'job_id'"),
+    (_request(op="delete", args={"job_id": "X" * 65}), "length must be"),
+    (_request(op="delete", args={"job_id": "XE38YM", "force": True}), "unknown field 'force'"),
     (_request(caller={"user": "alice"}), "missing field 'role'"),
     (_request(caller={"user": "", "role": "user"}), "length must be"),
     (_request(caller={"user": "a" * 65, "role": "user"}), "length must be"),

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n workernator/v1/workernator.proto\x12\x0eworkernator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\n\n\x08NoopArgs\"\x1b\n\x07\x46ibArgs\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x8c\x01\n\x08\x45valArgs\x12\x12\n\nexpression\x18\x01 \x01(\t\x12:\n\tvariables\x18\x02 \x03(\x0b\x32\'.workernator.v1.EvalArgs.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\x08WaitArgs\x12*\n\x07seconds\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03url\x18\x02 \x01(\t\"\xef\x01\n\x0fStartJobRequest\x12(\n\x04noop\x18\x01 \x01(\x0b\x32\x18.workernator.v1.NoopArgsH\x00\x12&\n\x03\x66ib\x18\x02 \x01(\x0b\x32\x17.workernator.v1.FibArgsH\x00\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x18.workernator.v1.EvalArgsH\x00\x12(\n\x04wait\x18\x04 \x01(\x0b\x32\x18.workernator.v1.WaitArgsH\x00\x12.\n\x06limits\x18\x05 \x01(\x0b\x32\x1e.workernator.v1.ResourceLimitsB\x06\n\x04\x61rgs\":\n\x10StartJobResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x0fStopJobResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x14GetJobStatusResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\"g\n\x14TailJobOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x10\n\x06offset\x18\x03 \x01(\x04H\x00\x12\x14\n\nlast_lines\x18\x04 \x01(\rH\x00\x42\x07\n\x05start\"Y\n\x15TailJobOutputResponse\x12+\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1b.workernator.v1.OutputChunk\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x04\"m\n\x0bOutputChunk\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06stream\x18\x02 \x01(\x0e\x32\x16.workernator.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"p\n\x0fListJobsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.workernator.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"T\n\x10ListJobsResponse\x12\'\n\x04jobs\x18\x01 \x03(\x0b\x32\x19.workernator.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x15\n\x13ListJobTypesRequest\"B\n\x14ListJobTypesResponse\x12*\n\x05types\x18\x01 \x03(\x0b\x32\x1b.workernator.v1.JobTypeInfo\"\x92\x01\n\x0bJobTypeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.workernator.v1.JobType\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12*\n\x04\x61rgs\x18\x05 \x03(\x0b\x32\x1c.workernator.v1.ArgumentInfo\"\xad\x01\n\x0c\x41rgumentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x03min\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x07 \x01(\rH\x02\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_maxB\r\n\x0b_max_length\"\xf0\x04\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.workernator.v1.JobType\x12\r\n\x05title\x18\x03 \x01(\t\x12(\n\x04noop\x18\x04 \x01(\x0b\x32\x18.workernator.v1.NoopArgsH\x00\x12&\n\x03\x66ib\x18\x05 \x01(\x0b\x32\x17.workernator.v1.FibArgsH\x00\x12(\n\x04\x65val\x18\x06 \x01(\x0b\x32\x18.workernator.v1.EvalArgsH\x00\x12(\n\x04wait\x18\x07 \x01(\x0b\x32\x18.workernator.v1.WaitArgsH\x00\x12\r\n\x05owner\x18\x08 \x01(\t\x12\'\n\x05state\x18\t \x01(\x0e\x32\x18.workernator.v1.JobState\x12\x16\n\texit_code\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x0b \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\noom_killed\x18\x0f \x01(\x08\x12.\n\x06limits\x18\x10 \x01(\x0b\x32\x1e.workernator.v1.ResourceLimits\x12,\n\x05usage\x18\x11 \x01(\x0b\x32\x1d.workernator.v1.ResourceUsage\x12\x16\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\tB\x06\n\x04\x61rgsB\x0c\n\n_exit_codeB\t\n\x07_signal\"\xa0\x01\n\x0eResourceLimits\x12\x12\n\ncpu_millis\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\r\x12\x13\n\x0bio_read_bps\x18\x04 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x05 \x01(\x04\x12\x14\n\x0cio_read_iops\x18\x06 \x01(\x04\x12\x15\n\rio_write_iops\x18\x07 \x01(\x04\"\x82\x01\n\rResourceUsage\x12+\n\x08\x63pu_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11peak_memory_bytes\x18\x02 \x01(\x04\x12\x12\n\nread_bytes\x18\x03 \x01(\x04\x12\x15\n\rwritten_bytes\x18\x04 \x01(\x04*T\n\x07JobType\x12\x11\n\rJOB_TYPE_NOOP\x10\x00\x12\x10\n\x0cJOB_TYPE_FIB\x10\x01\x12\x11\n\rJOB_TYPE_EVAL\x10\x02\x12\x11\n\rJOB_TYPE_WAIT\x10\x03*\x82\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x15\n\x11JOB_STATE_STOPPED\x10\x04*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32\xa5\x04\n\nJobService\x12M\n\x08StartJob\x12\x1f.workernator.v1.StartJobRequest\x1a .workernator.v1.StartJobResponse\x12O\n\x07StopJob\x12\x1e.workernator.v1.StopJobRequest\x1a\x1f.workernator.v1.StopJobResponse\"\x03\x90\x02\x02\x12^\n\x0cGetJobStatus\x12#.workernator.v1.GetJobStatusRequest\x1a$.workernator.v1.GetJobStatusResponse\"\x03\x90\x02\x01\x12\x63\n\rTailJobOutput\x12$.workernator.v1.TailJobOutputRequest\x1a%.workernator.v1.TailJobOutputResponse\"\x03\x90\x02\x01\x30\x01\x12R\n\x08ListJobs\x12\x1f.workernator.v1.ListJobsRequest\x1a .workernator.v1.ListJobsResponse\"\x03\x90\x02\x01\x12^\n\x0cListJobTypes\x12#.workernator.v1.ListJobTypesRequest\x1a$.workernator.v1.ListJobTypesResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n workernator/v1/workernator.proto\x12\x0eworkernator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\n\n\x08NoopArgs\"\x1b\n\x07\x46ibArgs\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x8c\x01\n\x08\x45valArgs\x12\x12\n\nexpression\x18\x01 \x01(\t\x12:\n\tvariables\x18\x02 \x03(\x0b\x32\'.workernator.v1.EvalArgs.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\x08WaitArgs\x12*\n\x07seconds\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03url\x18\x02 \x01(\t\"\xef\x01\n\x0fStartJobRequest\x12(\n\x04noop\x18\x01 \x01(\x0b\x32\x18.workernator.v1.NoopArgsH\x00\x12&\n\x03\x66ib\x18\x02 \x01(\x0b\x32\x17.workernator.v1.FibArgsH\x00\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x18.workernator.v1.EvalArgsH\x00\x12(\n\x04wait\x18\x04 \x01(\x0b\x32\x18.workernator.v1.WaitArgsH\x00\x12.\n\x06limits\x18\x05 \x01(\x0b\x32\x1e.workernator.v1.ResourceLimitsB\x06\n\x04\x61rgs\":\n\x10StartJobResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x0fStopJobResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x11\x44\x65leteJobResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x14GetJobStatusResponse\x12&\n\x03job\x18\x01 \x01(\x0b\x32\x19.workernator.v1.JobStatus\"g\n\x14TailJobOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x10\n\x06offset\x18\x03 \x01(\x04H\x00\x12\x14\n\nlast_lines\x18\x04 \x01(\rH\x00\x42\x07\n\x05start\"Y\n\x15TailJobOutputResponse\x12+\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1b.workernator.v1.OutputChunk\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x04\"m\n\x0bOutputChunk\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06stream\x18\x02 \x01(\x0e\x32\x16.workernator.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"p\n\x0fListJobsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.workernator.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"T\n\x10ListJobsResponse\x12\'\n\x04jobs\x18\x01 \x03(\x0b\x32\x19.workernator.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x15\n\x13ListJobTypesRequest\"B\n\x14ListJobTypesResponse\x12*\n\x05types\x18\x01 \x03(\x0b\x32\x1b.workernator.v1.JobTypeInfo\"\x92\x01\n\x0bJobTypeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.workernator.v1.JobType\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12*\n\x04\x61rgs\x18\x05 \x03(\x0b\x32\x1c.workernator.v1.ArgumentInfo\"\xad\x01\n\x0c\x41rgumentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x03min\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x07 \x01(\rH\x02\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_maxB\r\n\x0b_max_length\"\xf0\x04\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.workernator.v1.JobType\x12\r\n\x05title\x18\x03 \x01(\t\x12(\n\x04noop\x18\x04 \x01(\x0b\x32\x18.workernator.v1.NoopArgsH\x00\x12&\n\x03\x66ib\x18\x05 \x01(\x0b\x32\x17.workernator.v1.FibArgsH\x00\x12(\n\x04\x65val\x18\x06 \x01(\x0b\x32\x18.workernator.v1.EvalArgsH\x00\x12(\n\x04wait\x18\x07 \x01(\x0b\x32\x18.workernator.v1.WaitArgsH\x00\x12\r\n\x05owner\x18\x08 \x01(\t\x12\'\n\x05state\x18\t \x01(\x0e\x32\x18.workernator.v1.JobState\x12\x16\n\texit_code\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x0b \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\noom_killed\x18\x0f \x01(\x08\x12.\n\x06limits\x18\x10 \x01(\x0b\x32\x1e.workernator.v1.ResourceLimits\x12,\n\x05usage\x18\x11 \x01(\x0b\x32\x1d.workernator.v1.ResourceUsage\x12\x16\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\tB\x06\n\x04\x61rgsB\x0c\n\n_exit_codeB\t\n\x07_signal\"\xa0\x01\n\x0eResourceLimits\x12\x12\n\ncpu_millis\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\r\x12\x13\n\x0bio_read_bps\x18\x04 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x05 \x01(\x04\x12\x14\n\x0cio_read_iops\x18\x06 \x01(\x04\x12\x15\n\rio_write_iops\x18\x07 \x01(\x04\"\x82\x01\n\rResourceUsage\x12+\n\x08\x63pu_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11peak_memory_bytes\x18\x02 \x01(\x04\x12\x12\n\nread_bytes\x18\x03 \x01(\x04\x12\x15\n\rwritten_bytes\x18\x04 \x01(\x04*T\n\x07JobType\x12\x11\n\rJOB_TYPE_NOOP\x10\x00\x12\x10\n\x0cJOB_TYPE_FIB\x10\x01\x12\x11\n\rJOB_TYPE_EVAL\x10\x02\x12\x11\n\rJOB_TYPE_WAIT\x10\x03*\x82\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x15\n\x11JOB_STATE_STOPPED\x10\x04*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32\xf7\x04\n\nJobService\x12M\n\x08StartJob\x12\x1f.workernator.v1.StartJobRequest\x1a .workernator.v1.StartJobResponse\x12O\n\x07StopJob\x12\x1e.workernator.v1.StopJobRequest\x1a\x1f.workernator.v1.StopJobResponse\"\x03\x90\x02\x02\x12P\n\tDeleteJob\x12 .workernator.v1.DeleteJobRequest\x1a!.workernator.v1.DeleteJobResponse\x12^\n\x0cGetJobStatus\x12#.workernator.v1.GetJobStatusRequest\x1a$.workernator.v1.GetJobStatusResponse\"\x03\x90\x02\x01\x12\x63\n\rTailJobOutput\x12$.workernator.v1.TailJobOutputRequest\x1a%.workernator.v1.TailJobOutputResponse\"\x03\x90\x02\x01\x30\x01\x12R\n\x08ListJobs\x12\x1f.workernator.v1.ListJobsRequest\x1a .workernator.v1.ListJobsResponse\"\x03\x90\x02\x01\x12^\n\x0cListJobTypes\x12#.workernator.v1.ListJobTypesRequest\x1a$.workernator.v1.ListJobTypesResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['ListJobs']._serialized_options = b'\220\002\001'
   _globals['_JOBSERVICE'].methods_by_name['ListJobTypes']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['ListJobTypes']._serialized_options = b'\220\002\001'
-  _globals['_JOBTYPE']._serialized_start=2714
-  _globals['_JOBTYPE']._serialized_end=2798
-  _globals['_JOBSTATE']._serialized_start=2801
-  _globals['_JOBSTATE']._serialized_end=2931
-  _globals['_STREAM']._serialized_start=2933
-  _globals['_STREAM']._serialized_end=3003
+  _globals['_JOBTYPE']._serialized_start=2811
+  _globals['_JOBTYPE']._serialized_end=2895
+  _globals['_JOBSTATE']._serialized_start=2898
+  _globals['_JOBSTATE']._serialized_end=3028
+  _globals['_STREAM']._serialized_start=3030
+  _globals['_STREAM']._serialized_end=3100
   _globals['_NOOPARGS']._serialized_start=117
   _globals['_NOOPARGS']._serialized_end=127
   _globals['_FIBARGS']._serialized_start=129
@@ -69,34 +69,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPJOBREQUEST']._serialized_end=704
   _globals['_STOPJOBRESPONSE']._serialized_start=706
   _globals['_STOPJOBRESPONSE']._serialized_end=763
-  _globals['_GETJOBSTATUSREQUEST']._serialized_start=765
-  _globals['_GETJOBSTATUSREQUEST']._serialized_end=802
-  _globals['_GETJOBSTATUSRESPONSE']._serialized_start=804
-  _globals['_GETJOBSTATUSRESPONSE']._serialized_end=866
-  _globals['_TAILJOBOUTPUTREQUEST']._serialized_start=868
-  _globals['_TAILJOBOUTPUTREQUEST']._serialized_end=971
-  _globals['_TAILJOBOUTPUTRESPONSE']._serialized_start=973
-  _globals['_TAILJOBOUTPUTRESPONSE']._serialized_end=1062
-  _globals['_OUTPUTCHUNK']._serialized_start=1064
-  _globals['_OUTPUTCHUNK']._serialized_end=1173
-  _globals['_LISTJOBSREQUEST']._serialized_start=1175
-  _globals['_LISTJOBSREQUEST']._serialized_end=1287
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1289
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1373
-  _globals['_LISTJOBTYPESREQUEST']._serialized_start=1375
-  _globals['_LISTJOBTYPESREQUEST']._serialized_end=1396
-  _globals['_LISTJOBTYPESRESPONSE']._serialized_start=1398
-  _globals['_LISTJOBTYPESRESPONSE']._serialized_end=1464
-  _globals['_JOBTYPEINFO']._serialized_start=1467
-  _globals['_JOBTYPEINFO']._serialized_end=1613
-  _globals['_ARGUMENTINFO']._serialized_start=1616
-  _globals['_ARGUMENTINFO']._serialized_end=1789
-  _globals['_JOBSTATUS']._serialized_start=1792
-  _globals['_JOBSTATUS']._serialized_end=2416
-  _globals['_RESOURCELIMITS']._serialized_start=2419
-  _globals['_RESOURCELIMITS']._serialized_end=2579
-  _globals['_RESOURCEUSAGE']._serialized_start=2582
-  _globals['_RESOURCEUSAGE']._serialized_end=2712
-  _globals['_JOBSERVICE']._serialized_start=3006
-  _globals['_JOBSERVICE']._serialized_end=3555
+  _globals['_DELETEJOBREQUEST']._serialized_start=765
+  _globals['_DELETEJOBREQUEST']._serialized_end=799
+  _globals['_DELETEJOBRESPONSE']._serialized_start=801
+  _globals['_DELETEJOBRESPONSE']._serialized_end=860
+  _globals['_GETJOBSTATUSREQUEST']._serialized_start=862
+  _globals['_GETJOBSTATUSREQUEST']._serialized_end=899
+  _globals['_GETJOBSTATUSRESPONSE']._serialized_start=901
+  _globals['_GETJOBSTATUSRESPONSE']._serialized_end=963
+  _globals['_TAILJOBOUTPUTREQUEST']._serialized_start=965
+  _globals['_TAILJOBOUTPUTREQUEST']._serialized_end=1068
+  _globals['_TAILJOBOUTPUTRESPONSE']._serialized_start=1070
+  _globals['_TAILJOBOUTPUTRESPONSE']._serialized_end=1159
+  _globals['_OUTPUTCHUNK']._serialized_start=1161
+  _globals['_OUTPUTCHUNK']._serialized_end=1270
+  _globals['_LISTJOBSREQUEST']._serialized_start=1272
+  _globals['_LISTJOBSREQUEST']._serialized_end=1384
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1386
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1470
+  _globals['_LISTJOBTYPESREQUEST']._serialized_start=1472
+  _globals['_LISTJOBTYPESREQUEST']._serialized_end=1493
+  _globals['_LISTJOBTYPESRESPONSE']._serialized_start=1495
+  _globals['_LISTJOBTYPESRESPONSE']._serialized_end=1561
+  _globals['_JOBTYPEINFO']._serialized_start=1564
+  _globals['_JOBTYPEINFO']._serialized_end=1710
+  _globals['_ARGUMENTINFO']._serialized_start=1713
+  _globals['_ARGUMENTINFO']._serialized_end=1886
+  _globals['_JOBSTATUS']._serialized_start=1889
+  _globals['_JOBSTATUS']._serialized_end=2513
+  _globals['_RESOURCELIMITS']._serialized_start=2516
+  _globals['_RESOURCELIMITS']._serialized_end=2676
+  _globals['_RESOURCEUSAGE']._serialized_start=2679
+  _globals['_RESOURCEUSAGE']._serialized_end=2809
+  _globals['_JOBSERVICE']._serialized_start=3103
+  _globals['_JOBSERVICE']._serialized_end=3734
 # @@protoc_insertion_point(module_scope)

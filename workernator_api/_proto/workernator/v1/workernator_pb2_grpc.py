@@ -46,6 +46,11 @@ class JobServiceStub:
                 request_serializer=workernator_dot_v1_dot_workernator__pb2.StopJobRequest.SerializeToString,
                 response_deserializer=workernator_dot_v1_dot_workernator__pb2.StopJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/workernator.v1.JobService/DeleteJob',
+                request_serializer=workernator_dot_v1_dot_workernator__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=workernator_dot_v1_dot_workernator__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.GetJobStatus = channel.unary_unary(
                 '/workernator.v1.JobService/GetJobStatus',
                 request_serializer=workernator_dot_v1_dot_workernator__pb2.GetJobStatusRequest.SerializeToString,
@@ -84,6 +89,14 @@ class JobServiceServicer:
     def StopJob(self, request, context):
         """StopJob stops a job: SIGTERM, a grace period, then every process of the job is killed. It
         returns when the job is gone. Stopping a job that already ended is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """DeleteJob deletes a job that has ended: its status, output and workspace. A running job is
+        refused (FAILED_PRECONDITION): stop it first. Only admins may delete jobs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +146,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StopJob,
                     request_deserializer=workernator_dot_v1_dot_workernator__pb2.StopJobRequest.FromString,
                     response_serializer=workernator_dot_v1_dot_workernator__pb2.StopJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=workernator_dot_v1_dot_workernator__pb2.DeleteJobRequest.FromString,
+                    response_serializer=workernator_dot_v1_dot_workernator__pb2.DeleteJobResponse.SerializeToString,
             ),
             'GetJobStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStatus,
@@ -210,6 +228,33 @@ class JobService:
             '/workernator.v1.JobService/StopJob',
             workernator_dot_v1_dot_workernator__pb2.StopJobRequest.SerializeToString,
             workernator_dot_v1_dot_workernator__pb2.StopJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workernator.v1.JobService/DeleteJob',
+            workernator_dot_v1_dot_workernator__pb2.DeleteJobRequest.SerializeToString,
+            workernator_dot_v1_dot_workernator__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
