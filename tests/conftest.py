@@ -176,6 +176,7 @@ def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
         f'egress_bridge = "{cfg.egress_bridge}"\n'
         f'egress_subnet = "{cfg.egress_subnet}"\n'
         f'resolv_conf = "{cfg.resolv_conf}"\n'
+        f"min_free_bytes = {cfg.min_free_bytes}\n"
     )
 
 

@@ -21,6 +21,9 @@ Example (``/etc/workernator/runner.toml``)::
     resolv_conf = "/etc/resolv.conf"         # name servers for egress jobs
     keep_jobs_on_stop = false                # under systemd: a stop of the unit (not a
                                              # restart) leaves running jobs running too
+    min_free_bytes = "256M"                  # a Start is refused (RESOURCE_EXHAUSTED) while
+                                             # the jobs directory's filesystem has less free
+                                             # (0 = never refuse; sizes as for [limits])
 
     [limits]                                 # a job's cgroup: what it gets when it does not
     cpu = 1.0                                # ask (CPUs), and the most it may ask for
@@ -58,6 +61,7 @@ DEFAULT_PATH = Path("/etc/workernator/runner.toml")
 DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
 DEFAULT_POLICY = Policy(maxima=ResourceLimits(pids=4096))
 MAX_UID = 2**32 - 2
+DEFAULT_MIN_FREE_BYTES = 256 * 1024 * 1024  # room kept for the output of the running jobs
 
 
 class ConfigError(ValueError):
@@ -81,6 +85,7 @@ class RunnerConfig:
     egress_subnet: ipaddress.IPv4Network = DEFAULT_EGRESS_SUBNET
     resolv_conf: Path = Path("/etc/resolv.conf")
     keep_jobs_on_stop: bool = False
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     limits: Policy = DEFAULT_POLICY
 
     @property
@@ -157,21 +162,26 @@ def _limit(key: str, value: Any, name: str) -> int:
             raise ConfigError(f"{name}: must be a number of CPUs, like 0.5")
         return round(cpus * 1000)
     if key in ("memory", "io_read", "io_write"):
-        if isinstance(value, str) and value.strip() != "0":
-            try:
-                return parse_size(value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-        if isinstance(value, str):
-            return 0
-        size: int = _expect(value, int, name)
-        if size < 0:
-            raise ConfigError(f"{name}: must not be negative")
-        return size
+        return _size(value, name)
     count: int = _expect(value, int, name)
     if count < 0:
         raise ConfigError(f"{name}: must not be negative")
     return count
+
+
+def _size(value: Any, name: str) -> int:
+    """Bytes, as a number or a size like "256M"; 0 is allowed (off)."""
+    if isinstance(value, str):
+        if value.strip() == "0":
+            return 0
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    size: int = _expect(value, int, name)
+    if size < 0:
+        raise ConfigError(f"{name}: must not be negative")
+    return size
 
 
 def _parse_limits(section: Any) -> Policy:
@@ -253,6 +263,8 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             if subnet.prefixlen > 28:
                 raise ConfigError(f"{name}: must have room for jobs (a /28 or larger)")
             kw[key] = subnet
+        elif key == "min_free_bytes":
+            kw[key] = _size(value, name)
         elif key == "keep_jobs_on_stop":
             kw[key] = _expect(value, bool, name)
         elif key == "job_user":

@@ -19,6 +19,7 @@ def test_runner_defaults_match_the_design() -> None:
     assert cfg.state_dir == Path("/var/lib/workernator")
     assert cfg.jobs_dir == Path("/var/lib/workernator/jobs")
     assert cfg.allowed_uids == frozenset({0})
+    assert cfg.min_free_bytes == 256 * 1024 * 1024
 
 
 def test_runner_config_file_is_parsed(tmp_path: Path) -> None:
@@ -147,6 +148,10 @@ def test_runner_sandbox_defaults() -> None:
         ("tmp_size_mb", 1 << 20, 1 << 20),
         ("job_user", "j", "j"),
         ("resolv_conf", "/etc/resolv.conf", Path("/etc/resolv.conf")),
+        ("min_free_bytes", "1G", 1 << 30),
+        ("min_free_bytes", 4096, 4096),
+        ("min_free_bytes", 0, 0),  # never refuse a start for want of space
+        ("min_free_bytes", "0", 0),
     ],
 )
 def test_runner_sandbox_keys_accept_their_limits(key: str, value: object, parsed: object) -> None:
@@ -183,6 +188,10 @@ def test_runner_sandbox_keys_accept_their_limits(key: str, value: object, parsed
         ("resolv_conf", "resolv.conf", "must be an absolute path"),
         ("resolv_conf", "./etc/resolv.conf", "must be an absolute path"),
         ("resolv_conf", "", "must be an absolute path"),
+        ("min_free_bytes", -1, "must not be negative"),
+        ("min_free_bytes", "1GB", "is not a size"),
+        ("min_free_bytes", 1.5, "expected"),
+        ("min_free_bytes", True, "got a boolean"),
     ],
 )
 def test_runner_sandbox_key_errors_name_the_key(key: str, value: object, message: str) -> None:
