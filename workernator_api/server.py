@@ -26,7 +26,7 @@ from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
 from shared.model import JobState, JobStatus
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert
+from workernator_api import authz, certs, convert, drain
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -51,6 +51,10 @@ MAX_RUNNER_REQUESTS = 200  # requests in flight on the shared runner connection,
 MAX_TAILS_PER_USER = 32  # open TailJobOutput streams of one user
 MAX_TAILS = 120  # open streams in all. Each has a runner connection of its own and the runner
 # accepts 128 connections (the shared one included): the api refuses first, and says why
+
+# Shutdown: after drain_seconds the open streams are cut; this long more for the cut to reach
+# the clients before grpc cancels what is left.
+CUT_SECONDS = 1.0
 
 # ListJobs paging.
 DEFAULT_PAGE_SIZE = 100
@@ -148,6 +152,7 @@ class JobService(pb_grpc.JobServiceServicer):
         self.tails = ConcurrencyLimit(
             "output streams", per_user=MAX_TAILS_PER_USER, total=MAX_TAILS
         )
+        self.drain = drain.Drain()  # cuts the open streams at the end of a shutdown's drain
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -337,14 +342,15 @@ class JobService(pb_grpc.JobServiceServicer):
                     UNARY_TIMEOUT_SECONDS,
                 )
                 async with RunnerClient(self.runner_socket) as runner:
-                    async for batch in runner.tail(
+                    batches = runner.tail(
                         identity.user,
                         identity.role,
                         request.job_id,
                         follow=request.follow,
                         offset=offset,
                         last=last,
-                    ):
+                    )
+                    async for batch in self.drain.until_cut(batches):  # cut on shutdown
                         yield convert.tail_response(batch)
         except Exception as exc:
             await _abort(context, exc)
@@ -357,6 +363,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
         raise exc  # the call was already ended with a status
     if isinstance(exc, _Denied):
         code, message = exc.code, exc.message
+    elif isinstance(exc, drain.Cut):
+        code, message = grpc.StatusCode.UNAVAILABLE, exc.args[0]
     elif isinstance(exc, RunnerUnavailable):
         log.error("runner unavailable", error=exc.message)
         code, message = grpc.StatusCode.UNAVAILABLE, "the runner is not available"
@@ -463,9 +471,19 @@ class ApiServer:
             await self.service._runner()  # report the runner's state in health from the start
         log.info("api listening", listen=self.config.listen, port=self.port)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health says NOT_SERVING and no new call is taken; open calls get
+        ``drain_seconds`` (or ``grace``) to end, then open streams are cut with UNAVAILABLE
+        (clients reconnect and resume), and whatever is left is cancelled."""
+        deadline = self.config.drain_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(deadline + CUT_SECONDS))
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), deadline)
+        except TimeoutError:
+            log.info("draining: cutting the open streams", after_seconds=deadline)
+            self.service.drain.cut()
+            await stopping
         await self.service.close()
         log.info("api stopped")
 
