@@ -85,6 +85,15 @@ def test_api_config_relative_paths_are_taken_from_the_file(tmp_path: Path) -> No
     assert cfg.listen == "127.0.0.1:9443"
     assert cfg.cert == tmp_path.resolve() / "certs" / "server.pem"
     assert cfg.runner_socket == Path("/run/workernator/runner.sock")
+    assert cfg.drain_seconds == 10.0
+
+
+def test_api_drain_seconds_is_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text("[api]\ndrain_seconds = 2.5\n")
+    assert api_config.load(path).drain_seconds == 2.5
+    path.write_text("[api]\ndrain_seconds = 0\n")
+    assert api_config.load(path).drain_seconds == 0.0
 
 
 @pytest.mark.parametrize(
@@ -95,6 +104,10 @@ def test_api_config_relative_paths_are_taken_from_the_file(tmp_path: Path) -> No
         ("[api]\nlisten = 8443\n", "api.listen: expected a string"),
         ('[api]\nkey_file = "x"\n', "unknown key(s): key_file"),
         ('[api]\nlog_level = "chatty"\n', "debug, info, warning or error"),
+        ('[api]\ndrain_seconds = "10"\n', "api.drain_seconds: expected a number of seconds"),
+        ("[api]\ndrain_seconds = true\n", "api.drain_seconds: expected a number of seconds"),
+        ("[api]\ndrain_seconds = -1\n", "api.drain_seconds: must be between 0 and 3600"),
+        ("[api]\ndrain_seconds = 3601\n", "api.drain_seconds: must be between 0 and 3600"),
     ],
 )
 def test_api_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
