@@ -31,10 +31,6 @@ class Drain:
     def cut(self) -> None:
         self._cut.set()
 
-    @property
-    def is_cut(self) -> bool:
-        return self._cut.is_set()
-
     async def until_cut(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
         """The items of ``source`` until it ends, or :class:`Cut` once :meth:`cut` is called
         (also while waiting for the next item: ``source`` is closed then)."""
