@@ -43,6 +43,9 @@ system-deps:
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; $(APT) update && $(APT) install $$missing; \
 	fi

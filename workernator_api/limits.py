@@ -9,7 +9,7 @@ streams, and everyone else would be refused. A call over a limit fails at once w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from shared.errors import ResourceExhausted
 
@@ -38,6 +38,15 @@ class ConcurrencyLimit:
     @contextlib.contextmanager
     def hold(self, user: str) -> Iterator[None]:
         """One slot for ``user`` for the duration of the block, or :class:`ResourceExhausted`."""
+        release = self.take(user)
+        try:
+            yield
+        finally:
+            release()
+
+    def take(self, user: str) -> Callable[[], None]:
+        """One slot for ``user`` until the returned function is called (once), or
+        :class:`ResourceExhausted`: for a slot that outlives the block that took it."""
         held = self._by_user.get(user, 0)
         if held >= self.per_user:
             raise ResourceExhausted(
@@ -51,15 +60,21 @@ class ConcurrencyLimit:
             )
         self._by_user[user] = held + 1
         self._open += 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             self._open -= 1
             remaining = self._by_user[user] - 1
             if remaining:
                 self._by_user[user] = remaining
             else:
                 del self._by_user[user]
+
+        return release
 
 
 MAX_REQUEST_BYTES = 64 << 10

@@ -13,28 +13,36 @@ import binascii
 import contextlib
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
-from shared.model import JobState, JobStatus
+from shared.model import JobState, JobStatus, OutputChunk
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert, drain
+from workernator_api import authz, certs, convert, drain, fanout, memory
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.limits import MAX_TRANSPORT_BYTES, ConcurrencyLimit, request_too_large
 from workernator_api.runner_client import RunnerClient, RunnerUnavailable
-from workernator_api.tls import AuthInterceptor, ServerTls, Unauthenticated
+from workernator_api.tls import (
+    MAX_VERIFIED,
+    AuthInterceptor,
+    ServerTls,
+    Unauthenticated,
+    checked_caller,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+TAIL_METHOD = f"/{SERVICE_NAME}/TailJobOutput"
 
 # Deadlines of unary calls, connecting to the runner included. Stop waits for the runner to
 # stop the job: up to its stop_grace_seconds (at most 3600, a runner setting the api cannot
@@ -48,9 +56,12 @@ MAX_CONCURRENT_RPCS = 2048  # every RPC of the grpc server together (grpc enforc
 MAX_UNARY_PER_USER = 64  # unary calls of one user in flight
 MAX_RUNNER_REQUESTS = 200  # requests in flight on the shared runner connection, which the
 # runner caps at 256; further calls wait for a place, within their deadline
-MAX_TAILS_PER_USER = 32  # open TailJobOutput streams of one user
-MAX_TAILS = 120  # open streams in all. Each has a runner connection of its own and the runner
-# accepts 128 connections (the shared one included): the api refuses first, and says why
+MAX_TAILS_PER_USER = 128  # open TailJobOutput streams of one user
+MAX_TAILS = 1000  # open TailJobOutput streams in all; tails of one job share runner streams
+MAX_STREAMS_PER_USER = 32  # runner streams opened for one user's tails (one per job and
+# position followed, fanout.Hub) and their tails that do not follow or start at the last lines
+MAX_STREAMS = 120  # runner streams in all: each has a runner connection of its own and the
+# runner accepts 128 (the shared one and a spare included): the api refuses first, says why
 
 # Shutdown: after drain_seconds the open streams are cut; this long more for the cut to reach
 # the clients before grpc cancels what is left.
@@ -82,16 +93,37 @@ class _Denied(Exception):
 
 def identity_of(context: grpc.aio.ServicerContext[Any, Any], tls: ServerTls) -> authz.Identity:
     """The caller, from its client certificate as ``tls`` verifies it for every call: on TLS
-    1.3, issued directly by a client CA loaded now, valid now (:meth:`ServerTls.authenticate`)."""
+    1.3, issued directly by a client CA loaded now, valid now (:meth:`ServerTls.authenticate`).
+
+    :class:`AuthInterceptor` has already checked the call and left the certificate it accepted
+    (:func:`checked_caller`); the check runs here only for a call it did not see.
+    """
     try:
-        cert = tls.authenticate(context.auth_context())
-        user, role = certs.identity_from_cert(cert)
+        cert = checked_caller() or tls.authenticate(context.auth_context())
+        return _identity(cert)
     except Unauthenticated as exc:
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
     except ValueError as exc:
         message = f"unusable client certificate: {exc}"
         raise _Denied(grpc.StatusCode.UNAUTHENTICATED, message) from None
-    return authz.Identity(user, authz.Role(role))
+
+
+_IDENTITIES: dict[int, tuple[x509.Certificate, authz.Identity]] = {}
+
+
+def _identity(cert: x509.Certificate) -> authz.Identity:
+    """The identity a verified certificate carries, read once per certificate object (the
+    one :class:`ServerTls` remembers) rather than once per call; a failure is raised again on
+    every call. Keyed by identity: hashing a certificate costs as much as reading it."""
+    found = _IDENTITIES.get(id(cert))
+    if found is not None and found[0] is cert:
+        return found[1]
+    user, role = certs.identity_from_cert(cert)
+    identity = authz.Identity(user, authz.Role(role))
+    if len(_IDENTITIES) >= MAX_VERIFIED:
+        _IDENTITIES.clear()
+    _IDENTITIES[id(cert)] = (cert, identity)  # the entry keeps the object, and so its id
+    return identity
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -139,6 +171,33 @@ class HealthServicer(health.aio.HealthServicer):
         return health_pb2.HealthListResponse(statuses=statuses)  # type: ignore[attr-defined]
 
 
+class SerializedTails(grpc.aio.ServerInterceptor):
+    """Lets ``TailJobOutput`` yield responses already serialized (bytes): the fan-out
+    serializes each batch once for every tail reading it, not once per tail."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None or details.method != TAIL_METHOD or handler.unary_stream is None:
+            return handler
+        serialize = handler.response_serializer
+        assert serialize is not None
+
+        def serialized(response: pb.TailJobOutputResponse | bytes) -> bytes:
+            return response if isinstance(response, bytes) else serialize(response)
+
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=serialized,
+        )
+
+
 class JobService(pb_grpc.JobServiceServicer):
     def __init__(
         self, runner_socket: Path, health_servicer: health.aio.HealthServicer, tls: ServerTls
@@ -147,12 +206,21 @@ class JobService(pb_grpc.JobServiceServicer):
         self.health = health_servicer
         self.tls = tls
         self._shared: RunnerClient | None = None
+        self._spare: RunnerClient | None = None  # connected ahead for the next stream
+        self._refill: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self.unary_calls = ConcurrencyLimit("requests", per_user=MAX_UNARY_PER_USER)
         self.tails = ConcurrencyLimit(
             "output streams", per_user=MAX_TAILS_PER_USER, total=MAX_TAILS
         )
         self.drain = drain.Drain()  # cuts the open streams at the end of a shutdown's drain
+        self.streams = ConcurrencyLimit(
+            "runner streams (one per job and position followed)",
+            per_user=MAX_STREAMS_PER_USER,
+            total=MAX_STREAMS,
+        )
+        self.hub = fanout.Hub(self._follow, self.streams)
+        self.trimmer = memory.Trimmer()  # memory back to the system after bursts of output
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -172,12 +240,59 @@ class JobService(pb_grpc.JobServiceServicer):
                 await self._set_serving(True)
             return self._shared
 
+    async def _follow(
+        self, user: str, role: str, job_id: str, offset: int
+    ) -> AsyncGenerator[list[OutputChunk], None]:
+        """A runner tail of ``job_id`` from ``offset``, following it, on a connection of its
+        own: a feed that stops reading backs up only its own connection."""
+        async with self._stream_connection() as runner:
+            batches = runner.tail(user, role, job_id, follow=True, offset=offset)
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    yield batch
+
     async def _set_serving(self, serving: bool) -> None:
         await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 
+    @contextlib.asynccontextmanager
+    async def _stream_connection(self) -> AsyncIterator[RunnerClient]:
+        """A runner connection for one stream, closed after it: the spare one connected
+        beforehand when there is one (a tail does not wait for a connect and a hello
+        exchange), and another spare is made meanwhile."""
+        spare, self._spare = self._spare, None
+        if spare is None or not spare.connected:
+            if spare is not None:
+                await spare.close()
+            spare = RunnerClient(self.runner_socket)
+            await spare.connect()
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.create_task(self._make_spare())
+        try:
+            yield spare
+        finally:
+            await spare.close()
+
+    async def _make_spare(self) -> None:
+        if self._spare is not None:
+            return
+        client = RunnerClient(self.runner_socket)
+        try:
+            await client.connect()
+        except RunnerUnavailable:
+            return  # the next stream connects itself, and reports why it cannot
+        if self._spare is None:
+            self._spare = client
+        else:
+            await client.close()
+
     async def close(self) -> None:
-        if self._shared is not None:
-            await self._shared.close()
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        for client in (self._shared, self._spare):
+            if client is not None:
+                await client.close()
 
     async def _unary(
         self,
@@ -326,14 +441,14 @@ class JobService(pb_grpc.JobServiceServicer):
 
     async def TailJobOutput(
         self, request: pb.TailJobOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.TailJobOutputResponse]:
+    ) -> AsyncIterator[bytes]:
+        """The job's output; responses may come serialized already (:class:`SerializedTails`)."""
+        self.hub.arrived()
         try:
             _check_size(request)
             identity = identity_of(context, self.tls)
             offset, last = _tail_start(request)
             with self.tails.hold(identity.user):
-                # Authorize on the shared connection, then stream on a connection of this
-                # tail's own: when this client reads slowly, only its own connection backs up.
                 await self._unary(
                     identity,
                     lambda identity, runner: self._owned_job(
@@ -341,19 +456,48 @@ class JobService(pb_grpc.JobServiceServicer):
                     ),
                     UNARY_TIMEOUT_SECONDS,
                 )
-                async with RunnerClient(self.runner_socket) as runner:
-                    batches = runner.tail(
-                        identity.user,
-                        identity.role,
-                        request.job_id,
-                        follow=request.follow,
-                        offset=offset,
-                        last=last,
-                    )
-                    async for batch in self.drain.until_cut(batches):  # cut on shutdown
-                        yield convert.tail_response(batch)
+                self.trimmer.opened()
+                try:
+                    responses = self._tail(identity, request, offset, last)
+                    async with contextlib.aclosing(responses):
+                        async for response in self.drain.until_cut(responses):  # shutdown
+                            self.trimmer.sent += len(response)
+                            yield response
+                finally:
+                    self.trimmer.closed()
         except Exception as exc:
             await _abort(context, exc)
+
+    async def _tail(
+        self,
+        identity: authz.Identity,
+        request: pb.TailJobOutputRequest,
+        offset: int | None,
+        last: int | None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The serialized responses of an authorized tail."""
+        if request.follow and last is None:
+            # Shared with the other tails of this job at this position (fanout.py).
+            shared = self.hub.tail(identity.user, identity.role, request.job_id, offset or 0)
+            async with contextlib.aclosing(shared):
+                async for response in shared:
+                    yield response
+            return
+        # Not following (it ends at the current end), or from the last lines (which the
+        # runner finds): a runner stream of this tail's own.
+        with self.streams.hold(identity.user):
+            async with self._stream_connection() as runner:
+                batches = runner.tail(
+                    identity.user,
+                    identity.role,
+                    request.job_id,
+                    follow=request.follow,
+                    offset=offset,
+                    last=last,
+                )
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        yield convert.tail_response(batch).SerializeToString()
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
@@ -447,7 +591,8 @@ class ApiServer:
         self.health = HealthServicer()
         self.service = JobService(cfg.runner_socket, self.health, self.tls)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.tls)],  # every service: health, reflection too
+            # Every call of every service (health, reflection too) is authenticated first.
+            interceptors=[AuthInterceptor(self.tls), SerializedTails()],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),

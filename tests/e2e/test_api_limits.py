@@ -50,6 +50,7 @@ class FakeRunner:
     start_error: tuple[ErrorCode, str] | None = None  # the answer to a start, if not a job
     in_flight: int = 0
     most_in_flight: int = 0
+    tails: int = 0  # tail requests received
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -117,6 +118,7 @@ class FakeRunner:
                 return [p.ErrorReply(rid, ErrorCode.NOT_FOUND, f"job {args.job_id} not found")]
             return [p.JobReply(rid, self.jobs[args.job_id])]
         if isinstance(args, p.TailArgs):
+            self.tails += 1
             chunk = OutputChunk(0, 6, time.time_ns(), Stream.STDOUT, b"hello\n")
             return [p.OutputItem(rid, [chunk])]
         if isinstance(args, p.ListArgs):
@@ -391,9 +393,10 @@ async def test_tails_per_user_are_capped_and_other_users_still_tail(
         error = await failure(refused.read())
         assert error.code() == Code.RESOURCE_EXHAUSTED
         assert error.details() == (
-            "too many output streams at once: user 'alice' has 32 open, the most one user may "
-            "have; wait for one to finish"
+            f"too many output streams at once: user 'alice' has {server.MAX_TAILS_PER_USER} "
+            "open, the most one user may have; wait for one to finish"
         )
+        assert api.runner.tails == 1  # every one of them on one runner stream
 
         bobs = api.stub("bob").TailJobOutput(pb.TailJobOutputRequest(job_id="BOBJOB"))
         assert (await bobs.read()).chunks[0].data == b"hello\n"
@@ -427,6 +430,37 @@ async def test_tails_in_all_are_capped(
             "too many output streams at once: the server has 3 open, its limit; try again later"
         )
         for call in tails:
+            call.cancel()
+
+
+async def test_runner_streams_per_user_are_capped(tmp: Path, pki: certs.Deployment) -> None:
+    """Tails that cannot share a runner stream (here: not following) each hold one, and one
+    user may hold MAX_STREAMS_PER_USER of them; following tails of one job still share one."""
+    async with running(tmp, pki) as api:
+        stub = api.stub("alice")
+        tails = []
+        for _ in range(server.MAX_STREAMS_PER_USER):
+            call = stub.TailJobOutput(pb.TailJobOutputRequest(job_id=JOB, follow=False))
+            assert (await call.read()).chunks[0].data == b"hello\n"
+            tails.append(call)
+        refused = stub.TailJobOutput(pb.TailJobOutputRequest(job_id=JOB, follow=False))
+        error = await failure(refused.read())
+        assert error.code() == Code.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            "too many runner streams (one per job and position followed) at once: user 'alice' "
+            f"has {server.MAX_STREAMS_PER_USER} open, the most one user may have; wait for one "
+            "to finish"
+        )
+        root = api.stub("root").TailJobOutput(pb.TailJobOutputRequest(job_id=JOB, follow=True))
+        assert (await root.read()).chunks[0].data == b"hello\n"  # another user's share
+        tails.pop().cancel()
+        for _ in range(100):
+            if api.api.service.streams.open_for("alice") < server.MAX_STREAMS_PER_USER:
+                break
+            await asyncio.sleep(0.02)
+        again = stub.TailJobOutput(pb.TailJobOutputRequest(job_id=JOB, follow=False))
+        assert (await again.read()).chunks
+        for call in [*tails, root, again]:
             call.cancel()
 
 

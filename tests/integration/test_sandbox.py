@@ -8,6 +8,7 @@ see, reach and do, with a control wherever a check could pass for the wrong reas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -234,8 +235,10 @@ async def test_no_zombies_and_no_pid_namespace_left_after_short_jobs(
 ) -> None:
     namespaces = []
     for _ in range(20):
-        job = await manager.start("forker", {"children": 1, "seconds": 0}, "alice")
-        namespaces.append(job_namespace(manager, job.id))
+        job = await manager.start("forker", {"children": 1, "seconds": 0.2}, "alice")
+        # A busy host may have run it to its end already: then nothing is left of it.
+        with contextlib.suppress(FileNotFoundError):
+            namespaces.append(job_namespace(manager, job.id))
         await collect(manager, job.id)
     for namespace in namespaces:
         assert namespace_members(namespace) == []
