@@ -33,26 +33,30 @@ class Drain:
 
     async def until_cut(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
         """The items of ``source`` until it ends, or :class:`Cut` once :meth:`cut` is called
-        (also while waiting for the next item: ``source`` is closed then)."""
+        (also while waiting for the next item). ``source`` is closed however this ends: cut,
+        or cancelled (the client went away) while it waited."""
         if self._cut.is_set():
             raise Cut(CUT_MESSAGE)
         cut = asyncio.ensure_future(self._cut.wait())
+        item: asyncio.Future[T] | None = None
         try:
             while True:
                 item = asyncio.ensure_future(anext(source))
                 await asyncio.wait((item, cut), return_when=asyncio.FIRST_COMPLETED)
                 if not item.done():
-                    item.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await item
                     raise Cut(CUT_MESSAGE)
                 try:
                     value = item.result()
                 except StopAsyncIteration:
                     return
+                item = None
                 yield value
         finally:
             cut.cancel()
+            if item is not None and not item.done():  # stop the wait before closing source
+                item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await item
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):

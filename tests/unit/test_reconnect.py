@@ -86,3 +86,27 @@ async def test_a_stream_that_ends_before_the_cut_ends_normally_and_after_it_none
     with pytest.raises(drain.Cut):
         async for _ in switch.until_cut(_items([1], done)):
             pass
+
+
+async def test_a_stream_whose_client_goes_away_while_it_waits_is_closed() -> None:
+    switch = drain.Drain()
+    started, closed = asyncio.Event(), asyncio.Event()
+
+    async def source() -> AsyncIterator[int]:
+        try:
+            started.set()
+            await asyncio.Event().wait()  # nothing comes
+            yield 1
+        finally:
+            closed.set()
+
+    async def follow() -> None:
+        async for _ in switch.until_cut(source()):
+            pass
+
+    task = asyncio.create_task(follow())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()  # what grpc does when the client cancels the call
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(closed.wait(), 5)  # the runner stream is let go of
