@@ -177,6 +177,7 @@ def write_runner_config(cfg: RunnerConfig, path: Path) -> None:
         f'egress_subnet = "{cfg.egress_subnet}"\n'
         f'resolv_conf = "{cfg.resolv_conf}"\n'
         f"max_job_output = {cfg.max_job_output}\n"
+        f"min_free_bytes = {cfg.min_free_bytes}\n"
     )
     if cfg.retention != Retention():  # last, and only then: tests append keys to [runner]
         with path.open("a") as f:

@@ -34,6 +34,7 @@ import queue
 import re
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ from shared import catalog
 from shared.errors import InvalidArgument
 from workernator_api import certs, interrupt
 from workernator_api import cli_format as fmt
+from workernator_api import reconnect as reconnect_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api.limits import MAX_REQUEST_BYTES, request_too_large
 
@@ -306,7 +308,14 @@ class Api:
         )
         # min_reconnect_backoff_ms is also grpc's minimum connect timeout (TCP + handshakes).
         self._channel = grpc.secure_channel(
-            conn.host, credentials, options=[("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
+            conn.host,
+            credentials,
+            options=[
+                ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+                # A channel of its own: a tail reconnecting after a restart of the api must
+                # not inherit the connection backoff of an earlier channel to the same host.
+                ("grpc.use_local_subchannel_pool", 1),
+            ],
         )
         self._timeout = timeout
         ch = self._channel
@@ -1197,10 +1206,22 @@ class _OutputWriter:
     metavar="N",
     help="Resume at this position (a next_offset from --output json).",
 )
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=True,
+    show_default=True,
+    help="When following and the API or the runner restarts, reconnect (with backoff) and "
+    "resume where the output broke off; or stop with an error.",
+)
 @client_options
 @click.pass_context
 def tail(
-    ctx: click.Context, job_id: str, follow: bool, last: int | None, offset: int | None
+    ctx: click.Context,
+    job_id: str,
+    follow: bool,
+    last: int | None,
+    offset: int | None,
+    reconnect: bool,
 ) -> None:
     """Stream a job's output, from the first byte, following it until the job ends.
 
@@ -1211,6 +1232,11 @@ def tail(
 
     With --output json each chunk is a JSON line: time, stream (stdout or stderr), data (base64)
     and, on the last chunk of each batch, next_offset to resume from with --offset.
+
+    While following, a stream cut by a restart of the API or the runner (UNAVAILABLE) is
+    resumed from the next byte after what was shown, after a short random wait that grows up to
+    5 s; a line on stderr says so. After 5 minutes of failures it gives up. --no-reconnect
+    stops at the first failure instead.
     """
     if last is not None and offset is not None:
         raise click.UsageError("--last and --offset cannot be used together", ctx=ctx)
@@ -1223,19 +1249,39 @@ def tail(
             raise click.BadParameter("is too large", ctx, param_hint="'--offset'")
         request.offset = offset
     writer = _OutputWriter(as_json=settings.json)
-    with connect(settings, job_id=job_id) as api:
-        try:
-            with contextlib.closing(api.tail(request)) as responses:
-                for response in responses:
-                    writer.write(response)
-        except grpc.RpcError as exc:
-            if writer.next_offset is None:
-                raise  # nothing came: the usual error
-            reason = describe_rpc_error(exc.code(), exc.details(), api.host, job_id)
-            raise CliError(
-                f"the output stream broke off ({reason}); resume with: {PROG} jobs tail {job_id} "
-                f"--offset {writer.next_offset}"
-            ) from None
+    backoff = reconnect_mod.Backoff() if follow and reconnect else None
+    retrying = False  # a first call failing before any output is an error at once (a typo)
+    while True:
+        with connect(settings, job_id=job_id) as api:  # a fresh channel for each attempt
+            try:
+                with contextlib.closing(api.tail(request)) as responses:
+                    for response in responses:
+                        writer.write(response)
+                        if backoff is not None:
+                            backoff.reset()
+                break
+            except grpc.RpcError as exc:
+                reason = describe_rpc_error(exc.code(), exc.details(), api.host, job_id)
+                delay = None
+                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if (
+                    backoff is not None
+                    and unavailable
+                    and (retrying or writer.next_offset is not None)
+                ):
+                    delay = backoff.next_delay()
+                if delay is None and writer.next_offset is None:
+                    raise  # nothing came: the usual error
+                if delay is None:
+                    raise CliError(
+                        f"the output stream broke off ({reason}); resume with: {PROG} jobs tail "
+                        f"{job_id} --offset {writer.next_offset}"
+                    ) from None
+        click.echo(f"{PROG}: {reason}; reconnecting in {delay:.1f} s", err=True)
+        time.sleep(delay)  # Ctrl-C ends it (interrupt.Interrupted)
+        retrying = True
+        if writer.next_offset is not None:  # resume after the last byte shown
+            request = pb.TailJobOutputRequest(job_id=job_id, follow=True, offset=writer.next_offset)
     if follow and not settings.json:
         for number, name in ((1, "stdout"), (2, "stderr")):
             if _isatty(getattr(sys, name)):

@@ -9,6 +9,9 @@ Example (``/etc/workernator/api.toml``)::
     client_ca = "/etc/workernator/client-ca.pem"   # the client CA: signs client certificates
     runner_socket = "/run/workernator/runner.sock" # the runner's Unix socket
     log_level = "info"                             # debug, info, warning, error
+    drain_seconds = 10.0                           # on SIGTERM: how long open calls and
+                                                   # streams may go on before streams are cut
+                                                   # (UNAVAILABLE: clients reconnect)
 
 The api follows its TLS files: a renewed cert/key or client CA bundle, renamed into place,
 serves new connections without a restart (:mod:`workernator_api.tls`). The CA keys belong
@@ -37,6 +40,7 @@ class ApiConfig:
     client_ca: Path = Path("/etc/workernator/client-ca.pem")
     runner_socket: Path = Path("/run/workernator/runner.sock")
     log_level: str = "info"
+    drain_seconds: float = 10.0
 
 
 _PATHS = ("cert", "key", "client_ca", "runner_socket")
@@ -52,6 +56,13 @@ def parse(data: dict[str, Any], base: Path | None = None) -> ApiConfig:
         raise ConfigError(f"[api]: unknown key(s): {', '.join(sorted(unknown))}")
     kw: dict[str, Any] = {}
     for key, value in section.items():
+        if key == "drain_seconds":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"api.{key}: expected a number of seconds")
+            if not 0 <= value <= 3600:
+                raise ConfigError(f"api.{key}: must be between 0 and 3600")
+            kw[key] = float(value)
+            continue
         if not isinstance(value, str):
             raise ConfigError(f"api.{key}: expected a string, got {type(value).__name__}")
         if key in _PATHS:

@@ -27,7 +27,7 @@ from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
 from shared.model import JobState, JobStatus, OutputChunk
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert, fanout, memory
+from workernator_api import authz, certs, convert, drain, fanout, memory
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -62,6 +62,10 @@ MAX_STREAMS_PER_USER = 32  # runner streams opened for one user's tails (one per
 # position followed, fanout.Hub) and their tails that do not follow or start at the last lines
 MAX_STREAMS = 120  # runner streams in all: each has a runner connection of its own and the
 # runner accepts 128 (the shared one and a spare included): the api refuses first, says why
+
+# Shutdown: after drain_seconds the open streams are cut; this long more for the cut to reach
+# the clients before grpc cancels what is left.
+CUT_SECONDS = 1.0
 
 # ListJobs paging.
 DEFAULT_PAGE_SIZE = 100
@@ -209,6 +213,7 @@ class JobService(pb_grpc.JobServiceServicer):
         self.tails = ConcurrencyLimit(
             "output streams", per_user=MAX_TAILS_PER_USER, total=MAX_TAILS
         )
+        self.drain = drain.Drain()  # cuts the open streams at the end of a shutdown's drain
         self.streams = ConcurrencyLimit(
             "runner streams (one per job and position followed)",
             per_user=MAX_STREAMS_PER_USER,
@@ -466,7 +471,7 @@ class JobService(pb_grpc.JobServiceServicer):
                 try:
                     responses = self._tail(identity, request, offset, last)
                     async with contextlib.aclosing(responses):
-                        async for response in responses:
+                        async for response in self.drain.until_cut(responses):  # shutdown
                             self.trimmer.sent += len(response)
                             yield response
                 finally:
@@ -513,6 +518,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
         raise exc  # the call was already ended with a status
     if isinstance(exc, _Denied):
         code, message = exc.code, exc.message
+    elif isinstance(exc, drain.Cut):
+        code, message = grpc.StatusCode.UNAVAILABLE, exc.args[0]
     elif isinstance(exc, RunnerUnavailable):
         log.error("runner unavailable", error=exc.message)
         code, message = grpc.StatusCode.UNAVAILABLE, "the runner is not available"
@@ -620,9 +627,19 @@ class ApiServer:
             await self.service._runner()  # report the runner's state in health from the start
         log.info("api listening", listen=self.config.listen, port=self.port)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health says NOT_SERVING and no new call is taken; open calls get
+        ``drain_seconds`` (or ``grace``) to end, then open streams are cut with UNAVAILABLE
+        (clients reconnect and resume), and whatever is left is cancelled."""
+        deadline = self.config.drain_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(deadline + CUT_SECONDS))
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), deadline)
+        except TimeoutError:
+            log.info("draining: cutting the open streams", after_seconds=deadline)
+            self.service.drain.cut()
+            await stopping
         await self.service.close()
         log.info("api stopped")
 

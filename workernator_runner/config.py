@@ -23,6 +23,9 @@ Example (``/etc/workernator/runner.toml``)::
                                              # restart) leaves running jobs running too
     max_job_output = "1G"                    # a job whose output reaches this is stopped
                                              # (FAILED, with the reason); K, M, G, T
+    min_free_bytes = "256M"                  # a Start is refused (RESOURCE_EXHAUSTED) while
+                                             # the jobs directory's filesystem has less free
+                                             # (0 = never refuse; sizes as for [limits])
 
     [retention]                              # finished jobs kept; beyond any of these the
     max_jobs = 10000                         # ones that ended first are deleted (running
@@ -66,6 +69,7 @@ DEFAULT_EGRESS_SUBNET = ipaddress.IPv4Network("10.92.0.0/16")
 DEFAULT_POLICY = Policy(maxima=ResourceLimits(pids=4096))
 MAX_UID = 2**32 - 2
 DEFAULT_MAX_JOB_OUTPUT = 1 << 30
+DEFAULT_MIN_FREE_BYTES = 256 * 1024 * 1024  # room kept for the output of the running jobs
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class RunnerConfig:
     resolv_conf: Path = Path("/etc/resolv.conf")
     keep_jobs_on_stop: bool = False
     max_job_output: int = DEFAULT_MAX_JOB_OUTPUT  # bytes of output file; then it is stopped
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     limits: Policy = DEFAULT_POLICY
     retention: Retention = Retention()
 
@@ -177,21 +182,28 @@ def _limit(key: str, value: Any, name: str) -> int:
             raise ConfigError(f"{name}: must be a number of CPUs, like 0.5")
         return round(cpus * 1000)
     if key in ("memory", "io_read", "io_write"):
-        if isinstance(value, str) and value.strip() != "0":
-            try:
-                return parse_size(value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-        if isinstance(value, str):
-            return 0
-        size: int = _expect(value, int, name)
-        if size < 0:
-            raise ConfigError(f"{name}: must not be negative")
-        return size
+        return _size(value, name)
     count: int = _expect(value, int, name)
     if count < 0:
         raise ConfigError(f"{name}: must not be negative")
     return count
+
+
+def _size(value: Any, name: str, *, zero: bool = True) -> int:
+    """Bytes, as a number or a size like "256M" (see shared.units); 0 only when ``zero`` (off)."""
+    if isinstance(value, str) and value.strip() == "0":
+        value = 0
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    size: int = _expect(value, int, name)
+    if size < 0 or (size == 0 and not zero):
+        raise ConfigError(
+            f"{name}: must be more than 0" if not zero else f"{name}: must not be negative"
+        )
+    return size
 
 
 def _parse_limits(section: Any) -> Policy:
@@ -216,19 +228,6 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _AGE = re.compile(r"(\d{1,9})\s*([smhd])")
 
 
-def _size(value: Any, name: str) -> int:
-    """A size in bytes: an integer, or a string like "10G" (see shared.units)."""
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-    size: int = _expect(value, int, name)
-    if size <= 0:
-        raise ConfigError(f"{name}: must be more than 0")
-    return size
-
-
 def _parse_retention(section: Any) -> Retention:
     section = _expect(section, dict, "retention")
     unknown = set(section) - {"max_jobs", "max_age", "max_output_bytes"}
@@ -250,7 +249,9 @@ def _parse_retention(section: Any) -> Retention:
             )
         kw["max_age_seconds"] = float(int(match.group(1)) * _AGE_UNITS[match.group(2)])
     if "max_output_bytes" in section:
-        kw["max_output_bytes"] = _size(section["max_output_bytes"], "retention.max_output_bytes")
+        kw["max_output_bytes"] = _size(
+            section["max_output_bytes"], "retention.max_output_bytes", zero=False
+        )
     return Retention(**kw)
 
 
@@ -315,10 +316,12 @@ def parse(data: dict[str, Any]) -> RunnerConfig:
             if subnet.prefixlen > 28:
                 raise ConfigError(f"{name}: must have room for jobs (a /28 or larger)")
             kw[key] = subnet
+        elif key == "min_free_bytes":
+            kw[key] = _size(value, name)
         elif key == "keep_jobs_on_stop":
             kw[key] = _expect(value, bool, name)
         elif key == "max_job_output":
-            kw[key] = _size(value, name)
+            kw[key] = _size(value, name, zero=False)
         elif key == "job_user":
             user = _expect(value, str, name)
             if not user:

@@ -31,6 +31,7 @@ import bisect
 import builtins
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -43,9 +44,16 @@ from pathlib import Path
 from typing import Any
 
 from shared import ids, log
-from shared.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from shared.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from shared.model import JobState, JobStatus, JobUsage, OutputChunk, ResourceLimits
 from shared.protocol import MAX_CHUNKS_PER_FRAME
+from shared.units import format_size
 from workernator_runner import cgroups, files, inotify, linux, network, store
 from workernator_runner import launch as wire
 from workernator_runner.config import RunnerConfig
@@ -642,6 +650,7 @@ class JobManager:
         launcher = self._launcher
         if launcher is None or not launcher.alive:
             raise Internal("the runner cannot start jobs: its launcher is not running")
+        self._check_free_space()
         job_id, job_dir = self._allocate()
         address = self._allocate_address(job_id) if egress else None
         request = store.JobRequest(
@@ -663,6 +672,11 @@ class JobManager:
             try:  # not synced to disk now: the monitor does that when the job ends
                 store.write_request(job_dir, request, durable=False)
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(
+                        f"the runner cannot record a new job: {exc.strerror} "
+                        f"on the filesystem of {self.config.jobs_dir}"
+                    ) from None
                 raise Internal(f"the runner cannot record a new job: {exc.strerror}") from None
             self._watch(job)  # the monitor creates the output file
             try:
@@ -686,6 +700,26 @@ class JobManager:
         else:  # an end recorded from now on is seen: the directory was watched before
             self._watch_monitor(job)
         return job.status
+
+    def _check_free_space(self) -> None:
+        """Refuse a start while the jobs' filesystem is below the reserve: the room left is for
+        the output of the jobs that run (asked each time, so starts resume once space is
+        back)."""
+        reserve = self.config.min_free_bytes
+        if not reserve:
+            return
+        try:
+            fs = os.statvfs(self.config.jobs_dir)
+        except OSError as exc:
+            raise Internal(f"the runner cannot check its free space: {exc.strerror}") from None
+        free = fs.f_bavail * fs.f_frsize
+        if free < reserve:
+            log.warning("start refused: disk nearly full", free_bytes=free, reserve_bytes=reserve)
+            raise ResourceExhausted(
+                f"the runner's disk is nearly full: {format_size(free)} free on the filesystem "
+                f"of {self.config.jobs_dir}, below the reserve of {format_size(reserve)} "
+                "(runner.min_free_bytes); no job starts until space is freed"
+            )
 
     def _allocate(self) -> tuple[str, Path]:
         for _ in range(100):

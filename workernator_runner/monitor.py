@@ -185,7 +185,7 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     pump.flush_all()
     usage = job.finish()
     job.cleanup()
-    _finish(state, wait_status, usage, pump.write_error, header.limits)
+    _finish(state, wait_status, usage, pump.write_error, header.limits, job.output_stopped)
     if state.state is JobState.FAILED:
         state.failure_reason = failure_reason(pump.stderr_line.result())
     if pump.capped:  # not the user's stop, nor the job's own failure: say what it was
@@ -261,6 +261,7 @@ class _Job:
         self.selector = selectors.DefaultSelector()  # the output pipes and the init's end
         self.workspace: Path | None = None
         self.veth = False
+        self.output_stopped = False  # stopped by its monitor: its output could not be saved
 
     def prepare(self) -> None:
         """Make the sandbox's workspace, fork the init and wait until the sandbox is
@@ -428,6 +429,11 @@ class _Job:
                 capped = True
                 self._signal_init(signal.SIGTERM)
                 kill_at = kill_at or now + grace_seconds
+            if pump.write_error and result is None and kill_at is None:
+                # Its output can no longer be kept: stop it rather than let it run on unheard.
+                self.output_stopped = True
+                self._signal_init(signal.SIGTERM)
+                kill_at = now + grace_seconds
             if kill_at is not None and now >= kill_at:
                 self._signal_init(signal.SIGKILL)  # its namespace goes with it...
                 with contextlib.suppress(OSError):
@@ -587,7 +593,10 @@ def _finish(
     usage: cgroups.Usage,
     write_error: str,
     limits: ResourceLimits,
+    output_stopped: bool = False,
 ) -> None:
+    """Record how the job ended. A job whose output could not all be saved (a full disk, a file
+    size limit) FAILED, whatever its exit status, with that reason first: its lines were lost."""
     state.ended_ns = time.time_ns()
     state.usage = {
         "cpu_ns": usage.cpu_ns,
@@ -607,10 +616,14 @@ def _finish(
     if state.stop_requested:
         state.state = JobState.STOPPED
         state.error = f"stopped by request; {detail}"
+        if write_error:
+            state.error += f"; {write_error}"
+    elif write_error:
+        state.state = JobState.FAILED
+        stopped = "so its monitor stopped it; " if output_stopped else ""
+        state.error = f"{write_error}; {stopped}{detail}"
     elif state.exit_code == 0 and not usage.oom_killed:
         state.state = JobState.COMPLETED
     else:
         state.state = JobState.FAILED
         state.error = detail
-    if write_error:
-        state.error = f"{state.error}; {write_error}" if state.error else write_error

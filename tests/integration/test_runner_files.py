@@ -408,16 +408,19 @@ async def test_output_over_a_file_size_limit_leaves_whole_records_and_says_so(
     # nothing of the record that did not fit, and nothing after it although "ok" would fit.
     assert saved in (b"first\n", b""), saved
     assert tailed == saved
-    assert status.state is JobState.COMPLETED  # the job itself did well
+    assert status.state is JobState.FAILED  # its output is not all there: it did not complete
     assert f"output could not be saved after byte {path.stat().st_size}" in status.error
     assert "File too large" in status.error
+    assert "so its monitor stopped it" in status.error
     temps = [p for p in path.parent.iterdir() if p.name.endswith(store.TEMP_SUFFIX)]
     assert temps == []
 
 
 @pytest.fixture
 def full_disk_daemon(runner_config: RunnerConfig, state_dir: Path) -> Iterator[Daemon]:
-    """A runner whose jobs directory is a 512 KiB tmpfs: a job printing more fills it."""
+    """A runner whose jobs directory is a 512 KiB tmpfs: a job printing more fills it. (No
+    reserve: the disk fills while the job runs.)"""
+    runner_config = dataclasses.replace(runner_config, min_free_bytes=0)
     jobs = state_dir / "jobs"
     jobs.mkdir(mode=0o700)
     subprocess.run(
@@ -455,10 +458,9 @@ async def test_output_on_a_full_disk_leaves_whole_records_and_the_end_is_recorde
     assert 0 < len(saved) < size
     assert saved == (line * (len(saved) // len(line) + 1))[: len(saved)]  # a prefix, no gap
     assert tailed == saved
-    assert status.state is JobState.COMPLETED
-    assert status.exit_code == 0
+    assert status.state is JobState.FAILED
     assert "output could not be saved after byte" in status.error
     assert "No space left on device" in status.error
     recorded = store.read_state(job_dir)  # the end made it to disk, through the reserve
-    assert recorded is not None and recorded.state is JobState.COMPLETED
+    assert recorded is not None and recorded.state is JobState.FAILED
     assert sorted(p.name for p in job_dir.iterdir()) == ["job.json", "output", "state.json"]

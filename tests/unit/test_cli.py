@@ -872,7 +872,7 @@ def test_broken_tail_says_where_to_resume(
             chunks=[pb.OutputChunk(stream=pb.STREAM_STDOUT, data=b"hi\n")], next_offset=33
         )
     ]
-    result = run(["jobs", "tail", BROKEN_JOB], env)
+    result = run(["jobs", "tail", BROKEN_JOB, "--no-reconnect"], env)
     assert result.stdout == "hi\n"
     assert_one_line_error(
         result,

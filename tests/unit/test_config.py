@@ -19,6 +19,7 @@ def test_runner_defaults_match_the_design() -> None:
     assert cfg.state_dir == Path("/var/lib/workernator")
     assert cfg.jobs_dir == Path("/var/lib/workernator/jobs")
     assert cfg.allowed_uids == frozenset({0})
+    assert cfg.min_free_bytes == 256 * 1024 * 1024
 
 
 def test_runner_config_file_is_parsed(tmp_path: Path) -> None:
@@ -84,6 +85,15 @@ def test_api_config_relative_paths_are_taken_from_the_file(tmp_path: Path) -> No
     assert cfg.listen == "127.0.0.1:9443"
     assert cfg.cert == tmp_path.resolve() / "certs" / "server.pem"
     assert cfg.runner_socket == Path("/run/workernator/runner.sock")
+    assert cfg.drain_seconds == 10.0
+
+
+def test_api_drain_seconds_is_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text("[api]\ndrain_seconds = 2.5\n")
+    assert api_config.load(path).drain_seconds == 2.5
+    path.write_text("[api]\ndrain_seconds = 0\n")
+    assert api_config.load(path).drain_seconds == 0.0
 
 
 @pytest.mark.parametrize(
@@ -94,6 +104,10 @@ def test_api_config_relative_paths_are_taken_from_the_file(tmp_path: Path) -> No
         ("[api]\nlisten = 8443\n", "api.listen: expected a string"),
         ('[api]\nkey_file = "x"\n', "unknown key(s): key_file"),
         ('[api]\nlog_level = "chatty"\n', "debug, info, warning or error"),
+        ('[api]\ndrain_seconds = "10"\n', "api.drain_seconds: expected a number of seconds"),
+        ("[api]\ndrain_seconds = true\n", "api.drain_seconds: expected a number of seconds"),
+        ("[api]\ndrain_seconds = -1\n", "api.drain_seconds: must be between 0 and 3600"),
+        ("[api]\ndrain_seconds = 3601\n", "api.drain_seconds: must be between 0 and 3600"),
     ],
 )
 def test_api_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -147,6 +161,10 @@ def test_runner_sandbox_defaults() -> None:
         ("tmp_size_mb", 1 << 20, 1 << 20),
         ("job_user", "j", "j"),
         ("resolv_conf", "/etc/resolv.conf", Path("/etc/resolv.conf")),
+        ("min_free_bytes", "1G", 1 << 30),
+        ("min_free_bytes", 4096, 4096),
+        ("min_free_bytes", 0, 0),  # never refuse a start for want of space
+        ("min_free_bytes", "0", 0),
     ],
 )
 def test_runner_sandbox_keys_accept_their_limits(key: str, value: object, parsed: object) -> None:
@@ -183,6 +201,10 @@ def test_runner_sandbox_keys_accept_their_limits(key: str, value: object, parsed
         ("resolv_conf", "resolv.conf", "must be an absolute path"),
         ("resolv_conf", "./etc/resolv.conf", "must be an absolute path"),
         ("resolv_conf", "", "must be an absolute path"),
+        ("min_free_bytes", -1, "must not be negative"),
+        ("min_free_bytes", "1GB", "is not a size"),
+        ("min_free_bytes", 1.5, "expected"),
+        ("min_free_bytes", True, "got a boolean"),
     ],
 )
 def test_runner_sandbox_key_errors_name_the_key(key: str, value: object, message: str) -> None:

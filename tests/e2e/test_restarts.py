@@ -1,0 +1,223 @@
+"""Restarts under load and a full disk, end to end: the real CLI, api and runner.
+
+Twenty ``workernator jobs tail`` processes follow ``wait`` jobs (of the types the api offers:
+a few lines at once, the rest after the wait) while the runner is killed (SIGKILL) and
+restarted, then the api is stopped (SIGTERM: it drains, cutting the open streams after
+``drain_seconds``) and started again: every tail ends, when its job does, with every line
+exactly once. A tail with ``--no-reconnect`` stops at the first cut and says where to resume.
+And a runner below its disk reserve refuses starts through the api with
+RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from shared.model import Stream
+from tests.conftest import write_runner_config
+from tests.e2e.conftest import API_USER, Stack, start_api, stop_api
+from tests.nethosts import EgressLab, bridge_host, wait_for
+from workernator_api.runner_client import RunnerClient
+from workernator_runner import store
+
+pytestmark = pytest.mark.privileged
+
+TAILS = 20
+WAIT_SECONDS = 25.0  # each job prints a line, waits this long, then prints the rest: the
+# restarts fall in between, so every tail has output from before and after them
+DRAIN_SECONDS = 1.5
+
+
+@pytest.fixture
+def http_server(egress_lab: EgressLab) -> Iterator[str]:
+    """A URL the jobs' POSTs reach (a test host on the jobs' bridge)."""
+    with bridge_host(egress_lab) as host:
+        port, _ = host.http_server()
+        yield f"http://{host.address}:{port}/ok"
+
+
+def _restart_runner(stack: Stack, *, kill: bool) -> None:
+    """Kill (SIGKILL) or stop the stack's runner and start it again, its socket the api's."""
+    process = stack.runner.process
+    assert process is not None
+    if kill:
+        process.kill()
+        process.wait(timeout=20)
+        stack.runner.process = None
+    else:
+        stack.runner.stop()
+    stack.runner.start()
+    os.chown(stack.runner_socket, -1, pwd.getpwnam(API_USER).pw_gid)
+    os.chmod(stack.runner_socket, 0o660)
+
+
+def _restart_api(stack: Stack) -> float:
+    """SIGTERM the api, wait for it to exit (the drain), start it again; the drain's seconds."""
+    began = time.monotonic()
+    stack.api.send_signal(signal.SIGTERM)
+    stack.api.wait(timeout=DRAIN_SECONDS + 20)
+    drained = time.monotonic() - began
+    port = int(stack.address.rpartition(":")[2])
+    stack.api = start_api(
+        stack.tmp / "api.toml", stack.api_log, stack.api_uid, port, stack.api_python
+    )
+    return drained
+
+
+@pytest.fixture
+def draining_api(stack: Stack) -> Iterator[Stack]:
+    """The stack's api restarted with a short drain."""
+    config = stack.tmp / "api.toml"
+    original = config.read_text()
+    config.write_text(original + f"drain_seconds = {DRAIN_SECONDS}\n")
+    stop_api(stack.api)
+    port = int(stack.address.rpartition(":")[2])
+    stack.api = start_api(config, stack.api_log, stack.api_uid, port, stack.api_python)
+    try:
+        yield stack
+    finally:
+        config.write_text(original)
+
+
+def _start_waits(stack: Stack, count: int, url: str) -> list[str]:
+    async def start() -> list[str]:
+        async with RunnerClient(stack.runner_socket) as client:
+            args = {"seconds": WAIT_SECONDS, "url": url}
+            jobs = [await client.start("alice", "user", "wait", args) for _ in range(count)]
+        return [job.id for job in jobs]
+
+    return asyncio.run(start())
+
+
+def _runner_connections(stack: Stack) -> int:
+    """Connections the runner has accepted and holds open: its sockets that ``ss`` shows
+    established with a path of their own (socketpairs have none)."""
+    fd_dir = Path(f"/proc/{stack.runner.pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    listing = subprocess.run(
+        ["ss", "-xaH"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    count = 0
+    for line in listing:
+        fields = line.split()  # netid state recv-q send-q local inode peer inode
+        if len(fields) == 8 and fields[1] == "ESTAB" and fields[4] != "*" and fields[5] in inodes:
+            count += 1
+    return count
+
+
+def _saved_stdout(stack: Stack, job_id: str) -> bytes:
+    """The job's stdout as the runner saved it."""
+    path = stack.runner.config.jobs_dir / job_id / store.OUTPUT_FILE
+    return b"".join(c.data for c in store.iter_records(path) if c.stream is Stream.STDOUT)
+
+
+def _tail(
+    stack: Stack, job_id: str, out: IO[bytes], err: IO[bytes], *flags: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workernator_api.cli", "jobs", "tail", job_id, *flags],
+        env=stack.env("alice"),
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+    )
+
+
+def test_tails_survive_a_runner_kill_and_an_api_restart_with_every_line_once(
+    draining_api: Stack, http_server: str, tmp_path: Path
+) -> None:
+    stack = draining_api
+    job_ids = _start_waits(stack, TAILS + 1, http_server)
+    outs = [tmp_path / f"{job_id}.out" for job_id in job_ids]
+    errs = [tmp_path / f"{job_id}.err" for job_id in job_ids]
+    tails: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, job_id in enumerate(job_ids):
+            flags = ("--no-reconnect",) if i == TAILS else ()
+            with outs[i].open("wb") as out, errs[i].open("wb") as err:
+                tails.append(_tail(stack, job_id, out, err, *flags))
+        try:
+            wait_for(lambda: all(p.stat().st_size > 0 for p in outs), 60, "every tail's output")
+        except AssertionError:
+            raise AssertionError([e.read_text() for e in errs]) from None
+
+        wait_for(lambda: _runner_connections(stack) > TAILS, 30, "every tail following")
+        _restart_runner(stack, kill=True)
+        wait_for(
+            lambda: all(b"reconnecting in" in e.read_bytes() for e in errs[:TAILS]),
+            60,
+            "every tail reconnecting after the runner's restart",
+        )
+        # Each open tail holds a runner connection of its own (the api's shared one is one more).
+        wait_for(lambda: _runner_connections(stack) > TAILS, 60, "every tail following again")
+        drained = _restart_api(stack)
+
+        deadline = time.monotonic() + 90
+        for tail in tails:
+            tail.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for tail in tails:
+            if tail.poll() is None:
+                tail.kill()
+                tail.wait()
+
+    for i in range(TAILS):
+        stderr = errs[i].read_text()
+        assert tails[i].returncode == 0, stderr
+        saved = _saved_stdout(stack, job_ids[i])
+        assert saved.endswith(b"[RESULT] 201\n[JOB] Complete\n"), saved
+        assert outs[i].read_bytes() == saved, (job_ids[i], stderr)  # each line exactly once
+        assert stderr.count("reconnecting in") >= 2, stderr  # the runner's and the api's cut
+    # Open streams were cut at the drain's deadline, not waited for to the end of their jobs.
+    assert DRAIN_SECONDS <= drained < DRAIN_SECONDS + 10, drained
+
+    # Without reconnecting: an error at the first cut, naming where to resume.
+    stderr = errs[TAILS].read_text()
+    assert tails[TAILS].returncode == 1, stderr
+    assert "the output stream broke off" in stderr and "--offset" in stderr, stderr
+    assert "reconnecting" not in stderr, stderr
+    assert _saved_stdout(stack, job_ids[TAILS]).startswith(outs[TAILS].read_bytes())
+
+
+def test_a_start_below_the_disk_reserve_is_resource_exhausted_through_the_api(
+    stack: Stack,
+) -> None:
+    cfg = stack.runner.config
+    full = dataclasses.replace(cfg, min_free_bytes=1 << 60)  # more than any disk has free
+    write_runner_config(full, stack.runner.config_path)
+    try:
+        _restart_runner(stack, kill=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "workernator_api.cli", "jobs", "start", "noop"],
+            env=stack.env("alice"),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 1, stderr
+        assert stderr.startswith("Error: resource_exhausted: the runner's disk is nearly full:")
+        assert "below the reserve of" in stderr, stderr
+        assert "min_free_bytes" in stderr and "free on the filesystem of" in stderr, stderr
+    finally:
+        write_runner_config(cfg, stack.runner.config_path)
+        _restart_runner(stack, kill=False)
