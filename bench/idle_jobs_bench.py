@@ -31,7 +31,6 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +40,9 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import remove_egress_network, runner_config
+
 from workernator_runner import store
-from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.launcher import SPARES
 from workernator_runner.manager import JobManager
@@ -62,26 +62,6 @@ TARGET_PSS_PER_JOB_MB = 4.0
 TARGET_SLOWDOWN = 1.5
 MB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def make_config(state_dir: Path) -> RunnerConfig:
-    return RunnerConfig(
-        socket=state_dir / "runner.sock",
-        socket_group="",
-        state_dir=state_dir,
-        egress_bridge=BRIDGE,
-        egress_subnet=SUBNET,
-    )
-
-
-def remove_network() -> None:
-    """The bridge and nftables table the runner made for this bench (they outlive a runner)."""
-    subprocess.run(
-        ["nft", "delete", "table", "inet", f"workernator_{BRIDGE}"],
-        capture_output=True,
-        check=False,
-    )
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -277,7 +257,7 @@ async def run(args: argparse.Namespace) -> None:
     running: list[str] = []
     levels: dict[int, dict[str, list[float]]] = {}
     try:
-        async with JobManager(make_config(state_dir), load_registry()) as m:
+        async with JobManager(runner_config(state_dir, BRIDGE, SUBNET), load_registry()) as m:
             try:
                 pids = {"runner": os.getpid(), "launcher": launcher_pid()}
                 for level in levels_wanted:
@@ -302,7 +282,7 @@ async def run(args: argparse.Namespace) -> None:
             finally:
                 await stop_all(m, running)
     finally:
-        remove_network()
+        remove_egress_network(BRIDGE)
         shutil.rmtree(state_dir, ignore_errors=True)
     report(levels, kinds, others, busy, after)
     print(

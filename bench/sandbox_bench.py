@@ -50,8 +50,9 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import remove_egress_network, runner_config
+
 from shared.model import JobState
-from workernator_runner.config import RunnerConfig
 from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
 
@@ -72,28 +73,6 @@ EGRESS = "workernator(egress)"
 TARGET_P50_MS = 5.0
 GOAL_P50_MS = 3.0
 TARGET_SPEEDUPS = {"bwrap": 4.0, "runc": 12.0}
-
-
-def make_config(state_dir: Path) -> RunnerConfig:
-    """The runner configuration for the Workernator contenders: defaults, but a state
-    directory, bridge and subnet of the bench's own."""
-    return RunnerConfig(
-        socket=state_dir / "runner.sock",
-        socket_group="",
-        state_dir=state_dir,
-        egress_bridge=BENCH_BRIDGE,
-        egress_subnet=BENCH_SUBNET,
-    )
-
-
-def remove_bench_network() -> None:
-    """The bridge and nftables table the runner made for the bench (they outlive a runner)."""
-    subprocess.run(
-        ["nft", "delete", "table", "inet", f"workernator_{BENCH_BRIDGE}"],
-        capture_output=True,
-        check=False,
-    )
-    subprocess.run(["ip", "link", "del", BENCH_BRIDGE], capture_output=True, check=False)
 
 
 class Skip(Exception):
@@ -201,8 +180,9 @@ async def shared_manager(stack: contextlib.AsyncExitStack) -> JobManager:
     if _MANAGER is None:
         state_dir = Path(tempfile.mkdtemp(prefix="wn-bench-state-"))
         stack.callback(remove_unless_mounted, state_dir)
-        stack.callback(remove_bench_network)  # after the manager closed and its jobs ended
-        manager = JobManager(make_config(state_dir), load_registry())
+        # Removed after the manager closed and its jobs ended.
+        stack.callback(remove_egress_network, BENCH_BRIDGE)
+        manager = JobManager(runner_config(state_dir, BENCH_BRIDGE, BENCH_SUBNET), load_registry())
         _MANAGER = await stack.enter_async_context(manager)
     return _MANAGER
 
