@@ -9,6 +9,8 @@ import os as _os
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,9 +152,11 @@ def runner_config(state_dir: Path, job_user: str, egress_lab: EgressLab) -> Runn
     )
 
 
-@pytest.fixture
-async def manager(runner_config: RunnerConfig) -> AsyncIterator[JobManager]:
-    m = JobManager(runner_config, load_registry(runner_config.job_modules))
+@contextlib.asynccontextmanager
+async def manager_with(cfg: RunnerConfig, **changes: Any) -> AsyncIterator[JobManager]:
+    """A job manager of ``cfg`` with ``changes``; running jobs are stopped at the end."""
+    cfg = dataclasses.replace(cfg, **changes)
+    m = JobManager(cfg, load_registry(cfg.job_modules))
     await m.open()
     try:
         yield m
@@ -160,6 +165,12 @@ async def manager(runner_config: RunnerConfig) -> AsyncIterator[JobManager]:
             if not job.state.finished:
                 await m.stop(job.id)
         await m.close()
+
+
+@pytest.fixture
+async def manager(runner_config: RunnerConfig) -> AsyncIterator[JobManager]:
+    async with manager_with(runner_config) as m:
+        yield m
 
 
 def write_runner_config(cfg: RunnerConfig, path: Path) -> None:

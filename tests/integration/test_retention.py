@@ -4,40 +4,21 @@ really ran in their sandboxes, and what is left of them on disk."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from shared.errors import FailedPrecondition, NotFound
 from shared.model import JobState, JobStatus, Stream
-from tests.conftest import Daemon
+from tests.conftest import Daemon, manager_with
 from tests.helpers import collect, joined, run_job
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
 from workernator_runner.config import Retention, RunnerConfig
-from workernator_runner.jobs import load_registry
 from workernator_runner.manager import JobManager
 
 pytestmark = pytest.mark.privileged
-
-
-@asynccontextmanager
-async def manager_with(cfg: RunnerConfig, **changes: Any) -> AsyncIterator[JobManager]:
-    """A job manager of ``cfg`` with ``changes``; running jobs are stopped at the end."""
-    cfg = dataclasses.replace(cfg, **changes)
-    m = JobManager(cfg, load_registry(cfg.job_modules))
-    await m.open()
-    try:
-        yield m
-    finally:
-        for job in m.list():
-            if not job.state.finished:
-                await m.stop(job.id)
-        await m.close()
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
