@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from shared.errors import ErrorCode, ResourceExhausted
 from shared.model import JobState
-from tests.conftest import Daemon, _stop_leftover_jobs, write_runner_config
+from tests.conftest import Daemon, daemon_on_tmpfs_jobs
 from tests.nethosts import wait_for
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
@@ -36,24 +35,8 @@ FILLER = "filler"  # not a job id: the runner leaves it alone
 def small_disk(runner_config: RunnerConfig, state_dir: Path) -> Iterator[Daemon]:
     """A runner whose jobs directory is a 2 MiB tmpfs, with a reserve of 512 KiB."""
     cfg = dataclasses.replace(runner_config, min_free_bytes=RESERVE)
-    jobs = state_dir / "jobs"
-    jobs.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=0700", "wn-test-full", str(jobs)],
-        check=True,
-    )
-    config_path = state_dir / "runner.toml"
-    write_runner_config(cfg, config_path)
-    d = Daemon(cfg, config_path, state_dir / "runner.log")
-    try:
-        d.start()
+    with daemon_on_tmpfs_jobs(cfg, str(DISK), "wn-test-full") as d:
         yield d
-    finally:
-        try:
-            d.stop()
-            _stop_leftover_jobs(cfg)
-        finally:
-            subprocess.run(["umount", str(jobs)], check=True)
 
 
 def _free(path: Path) -> int:

@@ -24,7 +24,14 @@ import msgpack
 import pytest
 
 from shared.model import JobState
-from tests.conftest import ROOT, Daemon, _stop_leftover_jobs, short_tmpdir, write_runner_config
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    _stop_leftover_jobs,
+    daemon_on_tmpfs_jobs,
+    short_tmpdir,
+    write_runner_config,
+)
 from tests.nethosts import wait_for
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import monitor, store
@@ -420,25 +427,9 @@ async def test_output_over_a_file_size_limit_leaves_whole_records_and_says_so(
 def full_disk_daemon(runner_config: RunnerConfig, state_dir: Path) -> Iterator[Daemon]:
     """A runner whose jobs directory is a 512 KiB tmpfs: a job printing more fills it. (No
     reserve: the disk fills while the job runs.)"""
-    runner_config = dataclasses.replace(runner_config, min_free_bytes=0)
-    jobs = state_dir / "jobs"
-    jobs.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "wn-test-jobs", str(jobs)],
-        check=True,
-    )
-    config_path = state_dir / "runner.toml"
-    write_runner_config(runner_config, config_path)
-    d = Daemon(runner_config, config_path, state_dir / "runner.log")
-    try:
-        d.start()
+    cfg = dataclasses.replace(runner_config, min_free_bytes=0)
+    with daemon_on_tmpfs_jobs(cfg, "512k", "wn-test-jobs") as d:
         yield d
-    finally:
-        try:
-            d.stop()
-            _stop_leftover_jobs(runner_config)
-        finally:
-            subprocess.run(["umount", str(jobs)], check=True)
 
 
 async def test_output_on_a_full_disk_leaves_whole_records_and_the_end_is_recorded(
