@@ -182,9 +182,10 @@ def stack(job_user: str, egress_lab: EgressLab, installed_code: Path) -> Iterato
     config = write_api_config(tmp / "api.toml", port, cert_dir, cfg.socket)
     api_log = tmp / "api.log"
     api = run_api(config, api_log, api_uid, api_python)
+    stack: Stack | None = None
     try:
         _wait_for_port(port, api, api_log)
-        yield Stack(
+        stack = Stack(
             f"127.0.0.1:{port}",
             cert_dir,
             cfg.socket,
@@ -195,8 +196,11 @@ def stack(job_user: str, egress_lab: EgressLab, installed_code: Path) -> Iterato
             api_python,
             tmp,
         )
+        yield stack
     finally:
         stop_api(api)
+        if stack is not None and stack.api is not api:  # a test restarted it: that one too
+            stop_api(stack.api)
         runner.stop()
         from tests.conftest import _stop_leftover_jobs
 
