@@ -196,26 +196,17 @@ class JobCgroup:
         _write(f"{freezer}/freezer.state", "THAWED")
 
     def pids(self) -> list[int]:
-        path = next(iter(self.dirs.values()))
-        with contextlib.suppress(FileNotFoundError):
-            return [int(p) for p in _read(f"{path}/cgroup.procs").split()]
-        return []
+        return _procs(next(iter(self.dirs.values())))
 
     def populated(self) -> bool:
         unified = self.dirs.get("unified")
         if unified is not None:
-            for line in _read(f"{unified}/cgroup.events").splitlines():
+            for line in _read_gone_empty(f"{unified}/cgroup.events").splitlines():
                 key, _, value = line.partition(" ")
                 if key == "populated":
                     return value.strip() == "1"
-        return any(self._all_pids())
-
-    def _all_pids(self) -> list[int]:
-        found = []
-        for path in self.dirs.values():
-            with contextlib.suppress(FileNotFoundError):
-                found += [int(p) for p in _read(f"{path}/cgroup.procs").split()]
-        return found
+            return False
+        return any(_procs(path) for path in self.dirs.values())
 
     def wait_empty(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -417,6 +408,22 @@ def _io(limits: ResourceLimits) -> tuple[int, int, int, int]:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
+
+
+def _read_gone_empty(path: str) -> str:
+    """A cgroup file's text; empty once its cgroup is removed (ENOENT before the open,
+    ENODEV when the removal came between the open and the read)."""
+    try:
+        return _read(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            return ""
+        raise
+
+
+def _procs(path: str) -> list[int]:
+    """The processes in one cgroup directory: none once it is removed."""
+    return [int(p) for p in _read_gone_empty(f"{path}/cgroup.procs").split()]
 
 
 def _write(path: str, value: str) -> None:

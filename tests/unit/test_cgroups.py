@@ -5,6 +5,8 @@ covers the v2 file formats too, which this host's kernel cannot show with contro
 from __future__ import annotations
 
 import dataclasses
+import errno
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,6 +199,40 @@ def test_populated_reads_cgroup_events(tmp_path: Path) -> None:
     events.write_text("populated 0\nfrozen 0\n")
     assert not cgroup.populated()
     assert cgroup.wait_empty(0.1)
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_a_cgroup_removed_meanwhile_is_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """Its monitor may remove a job's cgroup while another reader waits for it to empty:
+    gone before the open (ENOENT) or between the open and the read (ENODEV), it is empty."""
+    cgroup = _v1(tmp_path) if layout == "v1" else _v2(tmp_path)
+    for path in cgroup.dirs.values():
+        Path(path, "cgroup.procs").write_text("4242\n")
+    Path(cgroup.dirs.get("unified", tmp_path), "cgroup.events").write_text("populated 1\n")
+    assert cgroup.populated()
+    assert cgroup.pids() == [4242]
+
+    def removed(path: str) -> str:
+        raise OSError(errno.ENODEV, "No such device", path)
+
+    monkeypatch.setattr(cgroups, "_read", removed)
+    assert not cgroup.populated()
+    assert cgroup.pids() == []
+    assert cgroup.wait_empty(0.1)
+    monkeypatch.undo()
+    for path in cgroup.dirs.values():
+        shutil.rmtree(path)
+    assert not cgroup.populated()
+    assert cgroup.pids() == []
+
+    def broken(path: str) -> str:
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(cgroups, "_read", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        cgroup.populated()  # anything else is not taken for an empty cgroup
 
 
 @pytest.mark.parametrize("name", ["XE38YM", "sb-1/..", "..", "sb-", "/etc"])
