@@ -323,9 +323,10 @@ class JobService(pb_grpc.JobServiceServicer):
         """Check the request's size, authenticate, run ``action`` against the runner within
         ``seconds`` (default :data:`UNARY_TIMEOUT_SECONDS`), and map every error to a status."""
         try:
-            _check_size(request)
-            limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
-            return await self._unary(identity_of(context, self.tls), action, limit)
+            with self.drain.admitted():
+                _check_size(request)
+                limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
+                return await self._unary(identity_of(context, self.tls), action, limit)
         except Exception as exc:
             await _abort(context, exc)
 
@@ -459,7 +460,7 @@ class JobService(pb_grpc.JobServiceServicer):
             _check_size(request)
             identity = identity_of(context, self.tls)
             offset, last = _tail_start(request)
-            with self.tails.hold(identity.user):
+            with self.drain.admitted(), self.tails.hold(identity.user):
                 await self._unary(
                     identity,
                     lambda identity, runner: self._owned_job(
@@ -518,7 +519,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
         raise exc  # the call was already ended with a status
     if isinstance(exc, _Denied):
         code, message = exc.code, exc.message
-    elif isinstance(exc, drain.Cut):
+    elif isinstance(exc, drain.Cut | drain.Refused):
         code, message = grpc.StatusCode.UNAVAILABLE, exc.args[0]
     elif isinstance(exc, RunnerUnavailable):
         log.error("runner unavailable", error=exc.message)
@@ -628,18 +629,19 @@ class ApiServer:
         log.info("api listening", listen=self.config.listen, port=self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health says NOT_SERVING and no new call is taken; open calls get
-        ``drain_seconds`` (or ``grace``) to end, then open streams are cut with UNAVAILABLE
+        """Drain: health says NOT_SERVING and new calls are refused UNAVAILABLE; open calls
+        get ``drain_seconds`` (or ``grace``) to end, then open streams are cut with UNAVAILABLE
         (clients reconnect and resume), and whatever is left is cancelled."""
         deadline = self.config.drain_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(deadline + CUT_SECONDS))
-        try:
-            await asyncio.wait_for(asyncio.shield(stopping), deadline)
-        except TimeoutError:
+        # Not grpc's own stop yet: during its grace it cancels new calls (CANCELLED, which
+        # says nothing) and closes the port. Until the deadline, new calls are refused
+        # UNAVAILABLE "shutting down" instead, which clients know to retry.
+        self.service.drain.begin()
+        if not await self.service.drain.wait_ended(deadline):
             log.info("draining: cutting the open streams", after_seconds=deadline)
-            self.service.drain.cut()
-            await stopping
+        self.service.drain.cut()
+        await self.server.stop(CUT_SECONDS)
         await self.service.close()
         log.info("api stopped")
 

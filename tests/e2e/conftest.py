@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from tests.conftest import PROBE_MODULE, ROOT, Daemon, short_tmpdir, write_runner_config
@@ -206,3 +208,12 @@ def stack(job_user: str, egress_lab: EgressLab, installed_code: Path) -> Iterato
 
         _stop_leftover_jobs(cfg)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def channel(
+    stack: Stack, user: str, options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """An mTLS channel to the stack's api, acting as ``user``."""
+    ca, cert, key = stack.credentials(user)
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    return grpc.aio.secure_channel(stack.address, creds, options=options)

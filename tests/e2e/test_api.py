@@ -18,19 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.errors import NotFound
 from shared.model import JobState
 from tests import pki
-from tests.e2e.conftest import API_USER, Stack
+from tests.e2e.conftest import API_USER, Stack, channel
 from workernator_api import certs
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.runner_client import RunnerClient
 
 Code = grpc.StatusCode
-
-
-def channel(stack: Stack, user: str) -> grpc.aio.Channel:
-    ca, cert, key = stack.credentials(user)
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
-    return grpc.aio.secure_channel(stack.address, creds)
 
 
 class Client:

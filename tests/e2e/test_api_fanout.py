@@ -13,19 +13,13 @@ from typing import Any
 import grpc
 
 from shared.model import Stream
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, channel
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_runner import store
 
 LINE = b"0123456789" * 10 + b"\n"
 RECORD = LINE * (64 * 1024 // len(LINE))  # a full record, as a monitor writes them
-
-
-def channel(stack: Stack, user: str, options: list[tuple[str, Any]] | None = None) -> Any:
-    ca, cert, key = stack.credentials(user)
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
-    return grpc.aio.secure_channel(stack.address, creds, options=options)
 
 
 async def big_job(stack: Stack, megabytes: int) -> tuple[str, bytes]:

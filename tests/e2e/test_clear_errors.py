@@ -31,8 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.errors import InvalidArgument
 from shared.model import MAX_FAILURE_REASON, JobState, JobStatus
-from tests.e2e.conftest import Stack
-from tests.e2e.test_api import Client, channel
+from tests.e2e.conftest import Stack, channel
+from tests.e2e.test_api import Client
 from tests.e2e.test_cli import ok, one_line_error, start, status, wait_until_ended, wn
 from tests.nethosts import EgressLab, NetHost, bridge_host
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb

@@ -22,14 +22,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import Stream
 from tests.conftest import write_runner_config
-from tests.e2e.conftest import API_USER, Stack, start_api, stop_api
+from tests.e2e.conftest import API_USER, Stack, channel, start_api, stop_api
 from tests.nethosts import EgressLab, bridge_host, wait_for
+from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
+from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
 
@@ -221,3 +225,71 @@ def test_a_start_below_the_disk_reserve_is_resource_exhausted_through_the_api(
     finally:
         write_runner_config(cfg, stack.runner.config_path)
         _restart_runner(stack, kill=False)
+
+
+def _assert_refused_while_draining(exc: grpc.aio.AioRpcError) -> None:
+    assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+    assert exc.details() == "the api is shutting down; retry in a moment", exc
+
+
+def test_a_draining_api_refuses_new_calls_and_keeps_open_streams_until_the_cut(
+    draining_api: Stack, http_server: str
+) -> None:
+    """SIGTERM: health says NOT_SERVING (to watchers too), new calls (on an open connection
+    or a new one) are refused UNAVAILABLE "shutting down" at once, and an open tail goes on
+    until ``drain_seconds``, when it is cut with UNAVAILABLE "reconnect to resume"."""
+    stack = draining_api
+    [job_id] = _start_waits(stack, 1, http_server)
+
+    async def scenario() -> tuple[float, grpc.aio.AioRpcError]:
+        async with channel(stack, "alice") as ch:
+            stub: Any = pb_grpc.JobServiceStub(ch)  # type: ignore[no-untyped-call]
+            health: Any = health_pb2_grpc.HealthStub(ch)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            tail = stub.TailJobOutput(pb.TailJobOutputRequest(job_id=job_id, follow=True))
+            assert (await tail.read()).chunks  # the job's first line; the rest comes later
+            status = pb.GetJobStatusRequest(job_id=job_id)
+            await stub.GetJobStatus(status)  # served, before the SIGTERM
+
+            began = time.monotonic()
+            stack.api.send_signal(signal.SIGTERM)
+            update = await asyncio.wait_for(watch.read(), 10)
+            assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            while True:  # the signal reaches the api's loop a moment after it is sent
+                try:
+                    await asyncio.wait_for(stub.GetJobStatus(status), 10)
+                except grpc.aio.AioRpcError as exc:
+                    _assert_refused_while_draining(exc)
+                    break
+                assert time.monotonic() - began < 10, "a new call was still served"
+                await asyncio.sleep(0.01)
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            async with channel(stack, "alice") as fresh:  # a new connection is told too
+                fresh_stub: Any = pb_grpc.JobServiceStub(fresh)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as new_connection:
+                    await fresh_stub.GetJobStatus(status, timeout=10)
+                _assert_refused_while_draining(new_connection.value)
+                with pytest.raises(grpc.aio.AioRpcError) as new_tail:
+                    request = pb.TailJobOutputRequest(job_id=job_id, follow=True)
+                    await fresh_stub.TailJobOutput(request, timeout=10).read()
+                _assert_refused_while_draining(new_tail.value)
+            still_open = time.monotonic() - began
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await asyncio.wait_for(tail.read(), DRAIN_SECONDS + 10)
+            assert still_open < DRAIN_SECONDS, still_open  # the tail was open until now
+            return time.monotonic() - began, cut.value
+
+    try:
+        cut_after, cut = asyncio.run(scenario())
+        assert stack.api.wait(timeout=20) == 0
+    finally:
+        if stack.api.poll() is not None:  # the stack's teardown stops a running api
+            port = int(stack.address.rpartition(":")[2])
+            stack.api = start_api(
+                stack.tmp / "api.toml", stack.api_log, stack.api_uid, port, stack.api_python
+            )
+    assert cut.code() is grpc.StatusCode.UNAVAILABLE, cut
+    assert "shutting down; reconnect to resume" in (cut.details() or ""), cut
+    assert DRAIN_SECONDS - 0.1 <= cut_after < DRAIN_SECONDS + 10, cut_after

@@ -110,3 +110,31 @@ async def test_a_stream_whose_client_goes_away_while_it_waits_is_closed() -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.wait_for(closed.wait(), 5)  # the runner stream is let go of
+
+
+async def test_once_draining_new_calls_are_refused_and_the_open_ones_are_waited_for() -> None:
+    switch = drain.Drain()
+    assert await switch.wait_ended(0)  # nothing open
+    release = asyncio.Event()
+
+    async def call() -> None:
+        with switch.admitted():
+            await release.wait()
+
+    calls = [asyncio.create_task(call()) for _ in range(2)]
+    await asyncio.sleep(0)  # both admitted
+    switch.begin()
+    with pytest.raises(drain.Refused, match="shutting down; retry in a moment"), switch.admitted():
+        pass
+    assert not await switch.wait_ended(0.05)  # two still open
+    release.set()
+    assert await switch.wait_ended(5)
+    await asyncio.gather(*calls)
+
+
+async def test_a_call_that_fails_still_counts_as_ended() -> None:
+    switch = drain.Drain()
+    with pytest.raises(ValueError), switch.admitted():
+        raise ValueError("the call's own error")
+    switch.begin()
+    assert await switch.wait_ended(0)
