@@ -270,14 +270,16 @@ def _stop_leftover_jobs(cfg: RunnerConfig) -> None:
 
 
 @contextlib.contextmanager
-def daemon_on_tmpfs_jobs(cfg: RunnerConfig, size: str, name: str) -> Iterator[Daemon]:
-    """A started runner of ``cfg`` whose jobs directory is a tmpfs of ``size`` (named ``name``
-    in the mount table): a disk that fills. Stopped, its jobs ended and unmounted at the end."""
+def daemon_on_tmpfs_jobs(
+    cfg: RunnerConfig, size: str, name: str, inodes: int = 0
+) -> Iterator[Daemon]:
+    """A started runner of ``cfg`` whose jobs directory is a tmpfs of ``size`` (and of
+    ``inodes`` files, if given; named ``name`` in the mount table): a disk that fills. Stopped,
+    its jobs ended and unmounted at the end."""
     jobs = cfg.state_dir / "jobs"
     jobs.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", name, str(jobs)], check=True
-    )
+    options = f"size={size},mode=0700" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, name, str(jobs)], check=True)
     config_path = cfg.state_dir / "runner.toml"
     write_runner_config(cfg, config_path)
     d = Daemon(cfg, config_path, cfg.state_dir / "runner.log")

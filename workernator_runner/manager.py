@@ -65,6 +65,9 @@ NO_LIMITS = ResourceLimits()
 STOP_MARGIN_SECONDS = 10.0  # on top of the grace period, for the monitor to record the end
 WATCH_MASK = inotify.IN_MODIFY | inotify.IN_MOVED_TO | inotify.IN_ONLYDIR
 MAX_BATCH_BYTES = 256 * 1024
+# With a disk reserve set, starts are refused below this many free inodes too: a job's files
+# take four or five, and the running ones' last states have theirs already (store.reserve).
+MIN_FREE_INODES = 1000
 DELETING_PREFIX = ".deleting-"  # a job directory being removed: gone whole, even after a crash
 
 
@@ -702,9 +705,9 @@ class JobManager:
         return job.status
 
     def _check_free_space(self) -> None:
-        """Refuse a start while the jobs' filesystem is below the reserve: the room left is for
-        the output of the jobs that run (asked each time, so starts resume once space is
-        back)."""
+        """Refuse a start while the jobs' filesystem is below the reserve, of bytes or of
+        inodes: the room left is for the jobs that run (asked each time, so starts resume once
+        space is back)."""
         reserve = self.config.min_free_bytes
         if not reserve:
             return
@@ -719,6 +722,14 @@ class JobManager:
                 f"the runner's disk is nearly full: {format_size(free)} free on the filesystem "
                 f"of {self.config.jobs_dir}, below the reserve of {format_size(reserve)} "
                 "(runner.min_free_bytes); no job starts until space is freed"
+            )
+        # f_files is 0 where a filesystem has no fixed number of inodes (btrfs, for one).
+        if fs.f_files and fs.f_favail < MIN_FREE_INODES:
+            log.warning("start refused: out of inodes", free_inodes=fs.f_favail)
+            raise ResourceExhausted(
+                f"the runner's disk is out of inodes: {fs.f_favail} free on the filesystem of "
+                f"{self.config.jobs_dir}, below the reserve of {MIN_FREE_INODES} (kept with "
+                "runner.min_free_bytes); no job starts until files are removed"
             )
 
     def _allocate(self) -> tuple[str, Path]:

@@ -1,15 +1,16 @@
 """A full disk, through the real runner: its jobs directory is a small tmpfs of the test's own.
 
-Below the reserve (``min_free_bytes``) a Start is refused with RESOURCE_EXHAUSTED and a message
-naming the free space and the reserve, leaving nothing behind; a running job whose output can
-no longer be written is stopped and says why in its status; status and tails keep working
-meanwhile; and starts resume by themselves once space is freed.
+Below the reserve (``min_free_bytes``, or too few free inodes) a Start is refused with
+RESOURCE_EXHAUSTED and a message naming the free space and the reserve, leaving nothing behind;
+a running job whose output can no longer be written is stopped and says why in its status;
+status and tails keep working meanwhile; and starts resume by themselves once space is freed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.nethosts import wait_for
 from workernator_api.runner_client import RunnerClient
 from workernator_runner import store
 from workernator_runner.config import RunnerConfig
+from workernator_runner.manager import MIN_FREE_INODES
 
 pytestmark = pytest.mark.privileged
 
@@ -117,6 +119,47 @@ async def test_a_running_job_whose_output_cannot_be_written_is_stopped_and_says_
         with pytest.raises(ResourceExhausted):  # full: no start
             await client.start(*USER, "noop", {})
         filler.unlink()
+        again = await client.start(*USER, "noop", {})
+        async for _ in client.tail(*USER, again.id):
+            pass
+        assert (await client.status(*USER, again.id)).state is JobState.COMPLETED
+
+
+@pytest.fixture
+def few_inodes(runner_config: RunnerConfig) -> Iterator[Daemon]:
+    """A runner whose jobs directory is a tmpfs with room for bytes but few files."""
+    cfg = dataclasses.replace(runner_config, min_free_bytes=RESERVE)
+    with daemon_on_tmpfs_jobs(cfg, "64m", "wn-test-inodes", inodes=MIN_FREE_INODES + 200) as d:
+        yield d
+
+
+async def test_start_is_refused_out_of_inodes_and_resumes_when_files_are_removed(
+    few_inodes: Daemon,
+) -> None:
+    """Room for bytes but not for files: a start is refused too, naming the inodes."""
+    jobs = few_inodes.config.jobs_dir
+    async with RunnerClient(few_inodes.config.socket) as client:
+        job = await client.start(*USER, "noop", {})  # well above the reserve: it runs
+        async for _ in client.tail(*USER, job.id):
+            pass
+        fillers = jobs / FILLER
+        fillers.mkdir()
+        count = 0
+        while os.statvfs(jobs).f_favail >= MIN_FREE_INODES - 10:
+            (fillers / str(count)).touch()
+            count += 1
+        assert _free(jobs) > RESERVE  # bytes to spare: only the inodes ran out
+        before = _job_dirs(jobs)
+        with pytest.raises(ResourceExhausted) as refused:
+            await client.start(*USER, "noop", {})
+        message = refused.value.message
+        assert message.startswith("the runner's disk is out of inodes: "), message
+        assert f"below the reserve of {MIN_FREE_INODES}" in message, message
+        assert str(jobs) in message, message
+        assert _job_dirs(jobs) == before  # nothing left of the refused start
+        assert (await client.status(*USER, job.id)).state is JobState.COMPLETED
+
+        shutil.rmtree(fillers)  # files removed: the next start runs, with no restart
         again = await client.start(*USER, "noop", {})
         async for _ in client.tail(*USER, again.id):
             pass
