@@ -56,6 +56,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy bench/*.py  # not a package: the benchmarks are scripts
 	$(BIN)/lint-imports
 	PYTHON=$(BIN)/python bash scripts/check_proto.sh
 	@$(MAKE) --no-print-directory buf-lint

@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,9 +232,13 @@ async def bench_start(s: Stack, rounds: int) -> dict[str, float]:
         stub: Any = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
         await first_line(stub)  # warm-up
         bwrap_first_line()
-        ours, theirs = [], []
+        ours: list[float] = []
+        theirs: list[float] = []
         for n in range(rounds):
-            pair = [lambda: first_line(stub), lambda: asyncio.to_thread(bwrap_first_line)]
+            pair: list[Callable[[], Awaitable[float]]] = [
+                lambda: first_line(stub),
+                lambda: asyncio.to_thread(bwrap_first_line),
+            ]
             for run in pair if n % 2 else pair[::-1]:
                 result = await run()
                 (ours if run is pair[0] else theirs).append(result * 1000)
@@ -266,7 +270,7 @@ def _rate_client(
         channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(*creds))
         async with channel:
             jobs: Any = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)
             status_request = pb.GetJobStatusRequest(job_id=job_id)
             check_request = health_pb2.HealthCheckRequest()
             await jobs.GetJobStatus(status_request)
@@ -309,14 +313,15 @@ async def bench_status(s: Stack, rounds: int, pinned: bool) -> dict[str, float]:
         stub: Any = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
         job = (await stub.StartJob(pb.StartJobRequest())).job
     results: dict[str, float] = {}
-    setups = [("same cores, 1 client process", 1, None)]
+    setups: list[tuple[str, int, list[int] | None]] = [("same cores, 1 client process", 1, None)]
     if pinned:
         setups.append(("api on CPU 1, 2 client processes + runner on CPU 0", 2, [0]))
     for name, processes, cpus in setups:
         if cpus:
             pin(s.api.pid, {1})
             pin_tree(s.runner.pid, {0})
-        status, health = [], []
+        status: list[float] = []
+        health: list[float] = []
         for n in range(rounds):
             for kind in ("status", "health") if n % 2 else ("health", "status"):
                 rate = await asyncio.to_thread(rates, s, job.id, kind, processes, cpus)
@@ -372,7 +377,7 @@ async def tail_api(stub: Any, job_id: str) -> tuple[bytes, float]:
     """The whole output through the api, and the seconds to its first byte."""
     t0 = time.perf_counter()
     first = 0.0
-    parts = []
+    parts: list[bytes] = []
     async for response in stub.TailJobOutput(pb.TailJobOutputRequest(job_id=job_id, follow=True)):
         if not first:
             first = time.perf_counter() - t0
@@ -382,7 +387,7 @@ async def tail_api(stub: Any, job_id: str) -> tuple[bytes, float]:
 
 async def tail_runner(s: Stack, job_id: str) -> bytes:
     async with RunnerClient(s.runner_socket) as runner:
-        parts = []
+        parts: list[bytes] = []
         async for batch in runner.tail("admin", "admin", job_id, follow=True):
             parts.extend(c.data for c in batch)
     return b"".join(parts)
@@ -392,7 +397,8 @@ async def bench_tail(s: Stack, rounds: int, job_id: str, expected: bytes) -> dic
     lines = expected.count(b"\n")
     async with s.channel() as channel:
         stub: Any = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
-        ours, theirs = [], []
+        ours: list[float] = []
+        theirs: list[float] = []
         for n in range(rounds + 1):
             for which in ("api", "runner") if n % 2 else ("runner", "api"):
                 t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -106,13 +107,12 @@ async def client_loop(socket_path: Path, stop_at: float, counts: defaultdict[str
                 await client.connect()
             choice = random.random()
             if choice < 0.6:
-                job_type, args = random.choice(
-                    [
-                        ("noop", {}),
-                        ("fib", {"position": random.randint(1, 3000)}),
-                        ("eval", {"expression": "2x+1", "variables": {"x": random.random()}}),
-                    ]
-                )
+                short: list[tuple[str, dict[str, Any]]] = [
+                    ("noop", {}),
+                    ("fib", {"position": random.randint(1, 3000)}),
+                    ("eval", {"expression": "2x+1", "variables": {"x": random.random()}}),
+                ]
+                job_type, args = random.choice(short)
                 job = await client.start(USER, ROLE, job_type, args)
                 async for _batch in client.tail(USER, ROLE, job.id):
                     pass
