@@ -140,6 +140,12 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         cgroup=job.cgroup.name,
     )
     recorded = False
+
+    def output_lost(problem: str) -> None:
+        """Say so while the job runs (if there is room for that: the end has its own)."""
+        with contextlib.suppress(OSError):
+            store.write_state_at(dir_fd, dataclasses.replace(state, error=problem), durable=False)
+
     try:
         job.hand_over(header, message[args_start:])  # the init goes on with its part...
         # ...while this takes care of the rest (the runner reads state.json once told).
@@ -160,7 +166,11 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
         recorded = True
         # Room for the last state, taken while the init finishes the job's setup.
         last_write = store.reserve(dir_fd, store.STATE_FILE)  # the end is recorded on a full disk
+        pump = _Pump(output_fd, output_lost, host.max_output_bytes)
         job.wait_running()
+        # What the job printed already (it went on before the init said so) is saved before
+        # the runner hears of the start: its first read finds it, without waiting for more.
+        job.pump_available(pump)
     except BaseException as exc:
         job.abandon()
         text = str(exc) if isinstance(exc, StartFailed | OSError) else repr(exc)
@@ -174,13 +184,6 @@ def spare(host: Host, jobs: socket.socket, notify: socket.socket) -> int:
     del message
     _reply(jobs, wire.STARTED, job_id, "")
     _tell(notify, TOOK + pid + job_id.encode())  # now the launcher may fork the next spare
-
-    def output_lost(problem: str) -> None:
-        """Say so while the job runs (if there is room for that: the end has its own)."""
-        with contextlib.suppress(OSError):
-            store.write_state_at(dir_fd, dataclasses.replace(state, error=problem), durable=False)
-
-    pump = _Pump(output_fd, output_lost, host.max_output_bytes)
     wait_status = job.supervise(wake_r, pump, state, header.grace_seconds)
     pump.flush_all()
     usage = job.finish()
@@ -381,6 +384,15 @@ class _Job:
             self.veth = False
         if self.workspace is not None and self.workspace.exists():
             shutil.rmtree(self.workspace, ignore_errors=True)  # fd-based: follows no symlink
+
+    def pump_available(self, pump: _Pump) -> None:
+        """Feed ``pump`` what the job's pipes hold now, without waiting (an end of a pipe is
+        left for :meth:`supervise`, which sees it again)."""
+        for key, _ in self.selector.select(0):
+            if isinstance(key.data, Stream):
+                data = os.read(key.fd, READ_SIZE)
+                if data:
+                    pump.feed(key.data, data)
 
     def supervise(
         self, wake_r: int, pump: _Pump, state: store.StateFile, grace_seconds: float

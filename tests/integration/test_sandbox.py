@@ -285,8 +285,10 @@ async def test_only_jobs_with_network_get_name_servers_and_ca_certificates(
         "ssl",
     ]
     none = await _probe(manager, "inspect", paths=json.dumps(paths))
-    assert none["exists"] == {**dict.fromkeys(paths, False), "/etc": True}
+    # /etc/ssl stays, empty: hidden under an empty read-only tmpfs (cheaper than an unmount).
+    assert none["exists"] == {**dict.fromkeys(paths, False), "/etc": True, "/etc/ssl": True}
     assert none["listed"] == {
         **dict.fromkeys(paths),
-        "/etc": ["group", "hostname", "hosts", "nsswitch.conf", "passwd"],
+        "/etc": ["group", "hostname", "hosts", "nsswitch.conf", "passwd", "ssl"],
+        "/etc/ssl": [],
     }
