@@ -38,7 +38,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,7 @@ class JobManager:
         self._index_lines = 0
         self._loaded = False  # the policy applies once every job is known
         self._expiry: asyncio.TimerHandle | None = None  # when the oldest one expires
+        self._removals: set[asyncio.Future[None]] = set()  # retention's, in worker threads
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
         self._last_address: ipaddress.IPv4Interface | None = None  # the next is after it
@@ -291,6 +292,8 @@ class JobManager:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._removals:  # what retention deleted is gone when this returns
+            await asyncio.gather(*self._removals)
         if self._index_fd is not None:
             os.close(self._index_fd)
             self._index_fd = None
@@ -514,7 +517,7 @@ class JobManager:
             if not over and oldest.ended_ns + max_age_ns > now:
                 break
             log.info("deleting job (retention)", job=oldest.id, owner=oldest.owner)
-            self._remove(oldest)
+            self._remove(oldest, background=True)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -523,9 +526,11 @@ class JobManager:
             delay = (oldest.ended_ns + max_age_ns - now) / 1e9
             self._expiry = self._loop.call_later(max(delay, 0.0), self._apply_retention)
 
-    def _remove(self, entry: store.Ended) -> None:
+    def _remove(self, entry: store.Ended, *, background: bool = False) -> None:
         """Forget an ended job and remove what it has on disk. The directory is renamed
-        first, so a crash halfway leaves no half job: :meth:`open` removes the rest."""
+        first, so a crash halfway leaves no half job: :meth:`open` removes the rest. With
+        ``background``, the files go in a worker thread (retention: a sharp cut of ``max_jobs``
+        deletes thousands, which must not hold up the event loop); :meth:`close` waits."""
         job_id = entry.id
         del self._finished[job_id]
         self._finished_bytes -= entry.output_bytes
@@ -539,8 +544,13 @@ class JobManager:
             os.rename(job_dir, doomed)
         except FileNotFoundError:
             doomed = job_dir
-        shutil.rmtree(doomed, ignore_errors=True)
-        shutil.rmtree(self.config.workspaces_dir / job_id, ignore_errors=True)
+        paths = (doomed, self.config.workspaces_dir / job_id)
+        if not background or self._loop is None:
+            _remove_trees(paths)
+            return
+        removal = self._loop.run_in_executor(None, _remove_trees, paths)
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
 
     def _read_ended(self, entry: store.Ended) -> _Job:
         """An ended job as its directory has it."""
@@ -874,6 +884,11 @@ def _last_lines(path: Path, count: int) -> tuple[OutputChunk | None, int]:
             return head, chunk.next_offset
         seen += here
     raise AssertionError("the output shrank while it was read")
+
+
+def _remove_trees(paths: Iterable[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _expect_state(job_dir: Path) -> store.StateFile:

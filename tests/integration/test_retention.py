@@ -29,7 +29,10 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None
 
 
 def on_disk(cfg: RunnerConfig) -> set[str]:
-    return {p.name for p in cfg.jobs_dir.iterdir()}  # job directories only: no index here
+    """The job directories (no index here). Retention renames a job's directory to
+    ``.deleting-ID`` at once and removes its files in a worker thread: such a job is gone (the
+    manager's close waits for the files; the tests look at what is left then too)."""
+    return {p.name for p in cfg.jobs_dir.iterdir() if not p.name.startswith(".")}
 
 
 def gone(m: JobManager, job_id: str) -> bool:
@@ -60,6 +63,11 @@ async def test_retention_deletes_the_jobs_that_ended_first_never_a_running_one(
             with pytest.raises(NotFound):
                 m.status(job_id)
             assert not (runner_config.workspaces_dir / job_id).exists()
+    assert being_deleted(runner_config) == []  # the close waited for the files to go
+
+
+def being_deleted(cfg: RunnerConfig) -> list[str]:
+    return [p.name for p in cfg.jobs_dir.iterdir() if p.name.startswith(".deleting-")]
 
 
 async def test_retention_applies_at_start_to_what_an_earlier_runner_kept(
@@ -70,6 +78,7 @@ async def test_retention_applies_at_start_to_what_an_earlier_runner_kept(
     async with manager_with(runner_config, retention=Retention(max_jobs=2)) as m:
         assert [j.id for j in m.list()] == done[2:]
         assert on_disk(runner_config) == set(done[2:])
+    assert being_deleted(runner_config) == []
 
 
 async def test_a_finished_job_expires_by_age_on_a_timer(runner_config: RunnerConfig) -> None:
