@@ -42,6 +42,7 @@ from pathlib import Path
 import pyseccomp as seccomp
 
 STAGE = "WN_UNIT_CONFINE_STAGE"
+CODE = ("shared", "workernator_api", "workernator_runner", "tests")  # what runs, from a checkout
 WRITABLE = "WN_UNIT_CONFINE_WRITABLE"
 HIDDEN_BY_PROTECT_HOME = ("/home", "/root", "/run/user")
 READ_ONLY_BY_PROTECT_SYSTEM_FULL = ("/usr", "/boot", "/efi", "/etc")
@@ -131,6 +132,26 @@ def _under(path: str, tops: tuple[str, ...]) -> bool:
     return any(path == top or path.startswith(top + "/") for top in tops)
 
 
+def _empty_keeping(emptied: dict[str, str], keep: list[str]) -> None:
+    """Mount an empty tmpfs of the given mode on each of ``emptied``, then put each path of
+    ``keep`` under one of them back at its place (its parents new, root's, 0755: a checkout
+    in a private directory is reachable as an install in /opt would be)."""
+    hidden = tuple(emptied)
+    aside = Path("/dev/shm/wn-confine-keep")  # a tmpfs that is not made read-only
+    kept: list[tuple[Path, str]] = []
+    for path in keep:
+        if _under(path, hidden):
+            holder = aside / str(len(kept))
+            holder.mkdir(parents=True, exist_ok=True)
+            _mount("--bind", path, str(holder))
+            kept.append((holder, path))
+    for path, mode in emptied.items():
+        _mount("-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", path)
+    for holder, path in kept:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount("--move", str(holder), path)
+
+
 def _paths(settings: dict[str, list[str]], keep: list[str]) -> None:
     if _one(settings, "PrivateDevices", "no") == "yes":
         new = "/run/wn-confine-dev"
@@ -162,25 +183,13 @@ def _paths(settings: dict[str, list[str]], keep: list[str]) -> None:
                     _mount("-o", "remount,bind,ro", point)
     elif protect_system != "no":
         raise SystemExit(f"ProtectSystem={protect_system} is not emulated")
+    # Trees the unit empties, each with its tmpfs's mode: what the test runs from is put back.
+    emptied: dict[str, str] = {}
     if _one(settings, "PrivateTmp", "no") == "yes":
-        for path in ("/tmp", "/var/tmp"):
-            _mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", path)
+        emptied |= dict.fromkeys(("/tmp", "/var/tmp"), "1777")
     if _one(settings, "ProtectHome", "no") == "yes":
-        hidden = tuple(p for p in HIDDEN_BY_PROTECT_HOME if os.path.isdir(p))
-        # Bind what the test runs from aside, to put it back over the emptied tree.
-        aside = Path("/dev/shm/wn-confine-keep")  # a tmpfs that is not made read-only
-        kept: list[tuple[Path, str]] = []
-        for path in keep:
-            if _under(path, hidden):
-                holder = aside / str(len(kept))
-                holder.mkdir(parents=True, exist_ok=True)
-                _mount("--bind", path, str(holder))
-                kept.append((holder, path))
-        for path in hidden:
-            _mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", path)
-        for holder, path in kept:
-            os.makedirs(path, exist_ok=True)
-            _mount("--move", str(holder), path)
+        emptied |= dict.fromkeys((p for p in HIDDEN_BY_PROTECT_HOME if os.path.isdir(p)), "0755")
+    _empty_keeping(emptied, keep)
     proc_options = []
     if (protect_proc := _one(settings, "ProtectProc", "default")) != "default":
         proc_options.append(f"hidepid={protect_proc}")
@@ -300,7 +309,10 @@ def confine(unit: Path, command: list[str]) -> None:
     settings = service_settings(unit)
     for key in IGNORED_BY_SYSTEMD_HERE | set(NOT_EMULATED):
         settings.pop(key, None)
-    keep = [str(Path(__file__).resolve().parent.parent), os.path.realpath(sys.prefix)]
+    # The code, not the checkout itself: that may be a private (0700) directory.
+    root = Path(__file__).resolve().parent.parent
+    keep = [str(root / name) for name in CODE if (root / name).exists()]
+    keep.append(os.path.realpath(sys.prefix))
     _paths(settings, keep)
     if umask := _one(settings, "UMask"):
         os.umask(int(umask, 8))

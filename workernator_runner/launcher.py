@@ -72,6 +72,7 @@ class Launcher:
                 self.egress = egress
             except (OSError, TimeoutError) as exc:
                 self.egress_error = f"egress networking could not be set up: {exc}"
+        code = rootfs.python_paths()
         self.host = monitor.Host(
             jobs_dir=state_dir / "jobs",
             workspaces_dir=state_dir / "workspaces",
@@ -79,11 +80,12 @@ class Launcher:
                 uid=init.uid,
                 gid=init.gid,
                 user=init.user,
-                template=self._prepare_root(state_dir / "sandbox"),
+                template=self._prepare_root(state_dir / "sandbox", code),
                 tmp_size_mb=init.tmp_size_mb,
                 seccomp_filter=seccomp.build_filter(),
                 registry=registry,
                 resolv_conf=self.egress.resolv_conf if self.egress is not None else None,
+                tmp_binds=rootfs.under_tmp(code),
             ),
             egress=self.egress,
             cgroups=init.cgroups,
@@ -97,7 +99,7 @@ class Launcher:
         self.cancelled: set[str] = set()  # job ids whose start the runner gave up on
         self.retry_at = 0.0
 
-    def _prepare_root(self, base: Path) -> str:
+    def _prepare_root(self, base: Path, code: list[str]) -> str:
         """The template root, in a mount namespace of this process (and its monitors)."""
         linux.unshare(linux.CLONE_NEWNS)
         # Host mounts still propagate in (a state directory mounted later, say); ours never out.
@@ -106,7 +108,7 @@ class Launcher:
         linux.mount("tmpfs", str(base), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
         root = base / "root"
         root.mkdir(mode=0o755)
-        rootfs.build_template(str(root), rootfs.python_paths())
+        rootfs.build_template(str(root), code)
         return str(root)
 
     def serve(self) -> NoReturn:

@@ -42,6 +42,7 @@ MOUNT_POINTS = ("etc", "proc", "tmp", "workspace", "dev")
 EGRESS_DIR = "/etc/ssl"
 EGRESS_FILES = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
 ETC_SIZE = "256k"
+JOB_TMP = "/tmp"  # noqa: S108 - where the job's own tmpfs goes, not a file made here
 
 _RO_BIND = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
 _SAFE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
@@ -69,6 +70,12 @@ def python_paths() -> list[str]:
                 found.add(os.path.realpath(location))
     # /usr is bound whole; /etc is the job's own (Debian's sitecustomize lives there: unneeded)
     return minimal_cover(p for p in found if not _under(p, "/usr") and not _under(p, "/etc"))
+
+
+def under_tmp(paths: Iterable[str]) -> tuple[str, ...]:
+    """The paths among ``paths`` that the job's own ``/tmp`` would hide (code in a checkout
+    under the host's ``/tmp``, say): :func:`prepare` binds them again on top of it."""
+    return tuple(p for p in paths if p != JOB_TMP and _under(p, JOB_TMP))
 
 
 def minimal_cover(paths: Iterable[str]) -> list[str]:
@@ -135,9 +142,16 @@ def _bind_ro(host: str, root: str) -> None:
 # --- per job, in the job's init ---------------------------------------------------------------
 
 
-def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, str]) -> None:
+def prepare(
+    template: str,
+    tmp_size_mb: int,
+    workspace: str,
+    etc: Mapping[str, str],
+    tmp_binds: Iterable[str] = (),
+) -> None:
     """Before there is a job: private propagation, then on the template's copy a fresh
-    ``/proc`` (of this PID namespace), an empty ``/tmp``, the sandbox's ``/workspace`` (a
+    ``/proc`` (of this PID namespace), an empty ``/tmp`` (with ``tmp_binds``, the code the
+    template had there, bound read-only again on top), the sandbox's ``/workspace`` (a
     directory on the host, owned by the job user), ``/etc`` with the files that are the same for
     every job and the egress files; then ``pivot_root`` into the copy and detach the host's
     tree. Call as PID 1 of a new PID namespace, in a new mount namespace, as root."""
@@ -145,6 +159,8 @@ def prepare(template: str, tmp_size_mb: int, workspace: str, etc: Mapping[str, s
     linux.mount("proc", f"{template}/proc", "proc", _SAFE)
     tmp = f"{template}/tmp"  # noqa: S108 - the job's own tmpfs
     linux.mount("tmpfs", tmp, "tmpfs", _SAFE, f"mode=1777,size={tmp_size_mb}m")
+    for path in tmp_binds:  # its directories above the code are root's, 0755
+        _bind_ro(path, template)
     linux.mount(workspace, f"{template}/workspace", None, linux.MS_BIND)
     linux.mount(None, f"{template}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
     linux.mount("tmpfs", f"{template}/etc", "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")

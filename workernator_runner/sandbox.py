@@ -88,6 +88,7 @@ class Sandbox:
     seccomp_filter: bytes
     registry: Registry
     resolv_conf: str | None  # egress jobs' /etc/resolv.conf (None: egress is off)
+    tmp_binds: tuple[str, ...] = ()  # code under the host's /tmp (rootfs.under_tmp)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def init(
             sandbox.tmp_size_mb,
             workspace,
             rootfs.common_etc(sandbox.uid, sandbox.gid, sandbox.user),
+            sandbox.tmp_binds,
         )
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
         for sig in FORWARDED:  # a handler, so a signal from inside is not discarded
