@@ -42,7 +42,7 @@ from pathlib import Path
 import pyseccomp as seccomp
 
 STAGE = "WN_UNIT_CONFINE_STAGE"
-CODE = ("shared", "workernator_api", "workernator_runner", "tests")  # what runs, from a checkout
+CODE = ("shared", "workernator_api", "workernator_runner", "tests", "deploy")  # what runs
 WRITABLE = "WN_UNIT_CONFINE_WRITABLE"
 HIDDEN_BY_PROTECT_HOME = ("/home", "/root", "/run/user")
 READ_ONLY_BY_PROTECT_SYSTEM_FULL = ("/usr", "/boot", "/efi", "/etc")
@@ -149,7 +149,7 @@ def _empty_keeping(emptied: dict[str, str], keep: list[str]) -> None:
         _mount("-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", path)
     for holder, path in kept:
         os.makedirs(path, mode=0o755, exist_ok=True)
-        _mount("--move", str(holder), path)
+        _mount("--bind", str(holder), path)
 
 
 def _paths(settings: dict[str, list[str]], keep: list[str]) -> None:
