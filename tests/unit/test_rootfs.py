@@ -137,3 +137,8 @@ def test_job_etc_has_the_job_id_and_resolv_conf_only_when_given() -> None:
     assert ["127.0.1.1", "AB12CD"] in [line.split() for line in egress["hosts"].splitlines()]
     # an egress job whose host has no usable name servers still gets its (empty) file
     assert rootfs.job_etc("AB12CD", "")["resolv.conf"] == ""
+
+
+def test_code_under_tmp_is_what_the_jobs_own_tmp_would_hide() -> None:
+    paths = ["/tmp/tmp.x1/wn/shared", "/tmp", "/tmpx/code", "/opt/wn/venv", "/tmp/a.py"]
+    assert rootfs.under_tmp(paths) == ("/tmp/tmp.x1/wn/shared", "/tmp/a.py")
