@@ -19,6 +19,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,3 +294,99 @@ def test_a_draining_api_refuses_new_calls_and_keeps_open_streams_until_the_cut(
     assert cut.code() is grpc.StatusCode.UNAVAILABLE, cut
     assert "shutting down; reconnect to resume" in (cut.details() or ""), cut
     assert DRAIN_SECONDS - 0.1 <= cut_after < DRAIN_SECONDS + 10, cut_after
+
+
+
+APPEND_SECONDS = 0.05  # how often each job's output grows by LINES_PER_RECORD numbered lines
+LINES_PER_RECORD = 20
+
+
+class _NumberedLines(threading.Thread):
+    """Appends numbered lines to running jobs' output files, a record at a time, as their
+    monitors would write them (O_APPEND, one whole record per write), until stopped: output
+    that keeps coming while the runner and the api restart. (The api offers no job type
+    that prints lines without end; the path from the file to the CLI is the same.)"""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__()
+        self.files = files
+        self.lines = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        fds = [os.open(f, os.O_WRONLY | os.O_APPEND) for f in self.files]
+        try:
+            while not self.halt.wait(APPEND_SECONDS):
+                numbers = range(self.lines, self.lines + LINES_PER_RECORD)
+                data = "".join(f"line {n:07d}\n" for n in numbers).encode()
+                for fd in fds:
+                    os.write(fd, store.encode_record(time.time_ns(), Stream.STDOUT, data))
+                self.lines += LINES_PER_RECORD
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_tails_through_a_runner_kill_and_an_api_restart_mid_output_get_every_line_once(
+    draining_api: Stack, http_server: str, tmp_path: Path
+) -> None:
+    """20 tails of jobs whose output keeps growing by numbered lines while the runner is
+    killed and the api restarted: each ends with every line once, in order, and says it
+    reconnected after each restart."""
+    stack = draining_api
+    job_ids = _start_waits(stack, TAILS, http_server)
+    outputs = [stack.runner.config.jobs_dir / j / store.OUTPUT_FILE for j in job_ids]
+    errs = [tmp_path / f"{job_id}.err" for job_id in job_ids]
+    outs = [tmp_path / f"{job_id}.out" for job_id in job_ids]
+    writer = _NumberedLines(outputs)
+    tails: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, job_id in enumerate(job_ids):
+            with outs[i].open("wb") as out, errs[i].open("wb") as err:
+                tails.append(_tail(stack, job_id, out, err))
+        wait_for(lambda: all(p.stat().st_size > 0 for p in outs), 60, "every tail's output")
+        writer.start()
+        wait_for(lambda: writer.lines >= 20 * LINES_PER_RECORD, 30, "lines being added")
+        _restart_runner(stack, kill=True)
+        wait_for(
+            lambda: all(b"reconnecting in" in e.read_bytes() for e in errs),
+            60,
+            "every tail reconnecting after the runner's restart",
+        )
+        wait_for(lambda: _runner_connections(stack) > TAILS, 60, "every tail following again")
+        _restart_api(stack)
+        wait_for(
+            lambda: all(e.read_text().count("reconnecting in") >= 2 for e in errs),
+            60,
+            "every tail reconnecting after the api's restart",
+        )
+        lines = writer.lines
+        wait_for(lambda: writer.lines >= lines + 20 * LINES_PER_RECORD, 30, "more lines")
+    finally:
+        writer.halt.set()
+        writer.join()
+
+    async def stop_all() -> None:
+        async with RunnerClient(stack.runner_socket) as client:
+            for job_id in job_ids:
+                await client.stop("alice", "user", job_id)
+
+    try:
+        asyncio.run(stop_all())
+        deadline = time.monotonic() + 90
+        for tail in tails:
+            tail.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for tail in tails:
+            if tail.poll() is None:
+                tail.kill()
+                tail.wait()
+
+    numbered = "".join(f"line {n:07d}\n" for n in range(writer.lines)).encode()
+    for i, job_id in enumerate(job_ids):
+        stderr = errs[i].read_text()
+        assert tails[i].returncode == 0, stderr
+        saved = _saved_stdout(stack, job_id)
+        assert numbered in saved, job_id  # as written: the saved output is whole
+        got = outs[i].read_bytes()
+        assert got == saved, (job_id, len(got), len(saved), stderr)  # every line once, in order
