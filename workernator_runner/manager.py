@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import builtins
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -68,6 +69,7 @@ MAX_BATCH_BYTES = 256 * 1024
 # With a disk reserve set, starts are refused below this many free inodes too: a job's files
 # take four or five, and the running ones' last states have theirs already (store.reserve).
 MIN_FREE_INODES = 1000
+ENDED_CACHE = 256  # ended jobs whose record and state are kept read (see _read_ended)
 DELETING_PREFIX = ".deleting-"  # a job directory being removed: gone whole, even after a crash
 
 
@@ -116,6 +118,7 @@ class JobManager:
         self._loaded = False  # the policy applies once every job is known
         self._expiry: asyncio.TimerHandle | None = None  # when the oldest one expires
         self._removals: set[asyncio.Future[None]] = set()  # retention's, in worker threads
+        self._ended_cache: collections.OrderedDict[str, _Job] = collections.OrderedDict()
         self._by_wd: dict[int, _Job] = {}
         self._addresses: dict[ipaddress.IPv4Interface, str] = {}  # of running egress jobs
         self._last_address: ipaddress.IPv4Interface | None = None  # the next is after it
@@ -533,6 +536,7 @@ class JobManager:
         deletes thousands, which must not hold up the event loop); :meth:`close` waits."""
         job_id = entry.id
         del self._finished[job_id]
+        self._ended_cache.pop(job_id, None)
         self._finished_bytes -= entry.output_bytes
         where = bisect.bisect_left(self._order, (entry.created_ns, job_id))
         if where < len(self._order) and self._order[where] == (entry.created_ns, job_id):
@@ -553,7 +557,19 @@ class JobManager:
         removal.add_done_callback(self._removals.discard)
 
     def _read_ended(self, entry: store.Ended) -> _Job:
-        """An ended job as its directory has it."""
+        """An ended job as its directory has it (the last ENDED_CACHE read are kept: an ended
+        job's record and state never change, and status calls come in bursts)."""
+        cached = self._ended_cache.get(entry.id)
+        if cached is not None:
+            self._ended_cache.move_to_end(entry.id)
+            return cached
+        job = self._read_ended_files(entry)
+        self._ended_cache[entry.id] = job
+        if len(self._ended_cache) > ENDED_CACHE:
+            self._ended_cache.popitem(last=False)
+        return job
+
+    def _read_ended_files(self, entry: store.Ended) -> _Job:
         job_dir = self.config.jobs_dir / entry.id
         try:
             request = store.read_request(job_dir)
