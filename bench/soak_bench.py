@@ -9,8 +9,9 @@ their end and their status read, ``wait`` jobs stopped after a moment, and listi
 ``--restart-minutes`` it restarts the runner (SIGTERM, then a new one that adopts the running
 jobs); clients whose connection broke connect again.
 
-It prints, at the start (after a warm-up) and at the end (once the load has stopped and the
-runner is idle), what a leak would show: the runner's RSS and open descriptors, the processes
+It prints the runner's RSS every minute (a leak shows as a slope, warm-up as a plateau) and, at
+the start (after a warm-up) and at the end (once the load has stopped and the runner is idle),
+what a leak would show: the runner's RSS and open descriptors, the processes
 of the runner's tree, sandbox cgroups, mounts (the host's and the launcher's), network
 namespaces and job veths, and the operations done and failed. Everything it made is removed
 at exit.
@@ -146,9 +147,14 @@ async def soak(daemon: Daemon, minutes: float, restart_minutes: float, workers: 
         for _ in range(workers)
     ]
     next_restart = time.monotonic() + restart_minutes * 60
+    next_sample = time.monotonic() + 60
     restarts = 0
     while not all(t.done() for t in tasks):
         await asyncio.sleep(1)
+        if time.monotonic() >= next_sample:  # a leak shows as a slope, warm-up as a plateau
+            next_sample += 60
+            with contextlib.suppress(OSError):
+                print(f"  runner RSS {_rss_mb(daemon.pid):.1f} MB; {dict(counts)}", flush=True)
         if time.monotonic() >= next_restart and time.monotonic() < stop_at:
             await asyncio.to_thread(daemon.stop)
             await asyncio.to_thread(daemon.start)
