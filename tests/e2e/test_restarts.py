@@ -162,6 +162,20 @@ def _tail(
     )
 
 
+def _wait_tails(tails: list[subprocess.Popen[bytes]], seconds: float) -> None:
+    """Wait for every tail to end, ``seconds`` in all."""
+    deadline = time.monotonic() + seconds
+    for tail in tails:
+        tail.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+
+def _kill_tails(tails: list[subprocess.Popen[bytes]]) -> None:
+    for tail in tails:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
 def test_tails_survive_a_runner_kill_and_an_api_restart_with_every_line_once(
     draining_api: Stack, http_server: str, tmp_path: Path
 ) -> None:
@@ -190,15 +204,9 @@ def test_tails_survive_a_runner_kill_and_an_api_restart_with_every_line_once(
         # Each open tail holds a runner connection of its own (the api's shared one is one more).
         wait_for(lambda: _runner_connections(stack) > TAILS, 60, "every tail following again")
         drained = _restart_api(stack)
-
-        deadline = time.monotonic() + 90
-        for tail in tails:
-            tail.wait(timeout=max(1.0, deadline - time.monotonic()))
+        _wait_tails(tails, 90)
     finally:
-        for tail in tails:
-            if tail.poll() is None:
-                tail.kill()
-                tail.wait()
+        _kill_tails(tails)
 
     for i in range(TAILS):
         stderr = errs[i].read_text()
@@ -390,14 +398,9 @@ def test_tails_through_a_runner_kill_and_an_api_restart_mid_output_get_every_lin
 
     try:
         asyncio.run(stop_all())
-        deadline = time.monotonic() + 90
-        for tail in tails:
-            tail.wait(timeout=max(1.0, deadline - time.monotonic()))
+        _wait_tails(tails, 90)
     finally:
-        for tail in tails:
-            if tail.poll() is None:
-                tail.kill()
-                tail.wait()
+        _kill_tails(tails)
 
     numbered = "".join(f"line {n:07d}\n" for n in range(writer.lines)).encode()
     for i, job_id in enumerate(job_ids):
