@@ -1,6 +1,7 @@
 """A soak: mixed load on a real runner for a long time, with restarts; is anything left over?
 
     .venv/bin/python bench/soak_bench.py [--minutes 60] [--restart-minutes 10] [--workers 4]
+                                         [--max-jobs 10000]
 
 A benchmark, not a test (not in ``make test``): run it as root. It starts a
 ``workernator-runner`` of its own (state in a temporary directory, its own egress bridge) and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import random
@@ -39,6 +41,7 @@ from benchlib import remove_egress_network, runner_config
 
 from tests.conftest import Daemon, write_runner_config
 from workernator_api.runner_client import RunnerClient
+from workernator_runner.config import Retention
 
 BRIDGE = "wnsoak"
 SUBNET = ipaddress.IPv4Network("10.254.128.0/22")
@@ -171,9 +174,18 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60)
     parser.add_argument("--restart-minutes", type=float, default=10)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--max-jobs",
+        type=int,
+        default=Retention.max_jobs,
+        help="retention's max_jobs: the runner's memory grows with the history it keeps, "
+        "up to this many ended jobs",
+    )
     opts = parser.parse_args()
     state_dir = Path(tempfile.mkdtemp(prefix="wn-soak-"))
-    cfg = runner_config(state_dir, BRIDGE, SUBNET)
+    cfg = dataclasses.replace(
+        runner_config(state_dir, BRIDGE, SUBNET), retention=Retention(max_jobs=opts.max_jobs)
+    )
     config_path = state_dir / "runner.toml"
     write_runner_config(cfg, config_path)
     daemon = Daemon(cfg, config_path, state_dir / "runner.log")
