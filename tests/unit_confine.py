@@ -137,7 +137,9 @@ def _empty_keeping(emptied: dict[str, str], keep: list[str]) -> None:
     ``keep`` under one of them back at its place (its parents new, root's, 0755: a checkout
     in a private directory is reachable as an install in /opt would be)."""
     hidden = tuple(emptied)
-    aside = Path("/dev/shm/wn-confine-keep")  # a tmpfs that is not made read-only
+    # On a tmpfs that is not made read-only, under a name of this process's own; the host's
+    # /dev/shm shares it, so it is removed again once the code is back in place.
+    aside = Path(f"/dev/shm/wn-confine-keep-{os.getpid()}")
     kept: list[tuple[Path, str]] = []
     for path in keep:
         if _under(path, hidden):
@@ -150,6 +152,10 @@ def _empty_keeping(emptied: dict[str, str], keep: list[str]) -> None:
     for holder, path in kept:
         os.makedirs(path, mode=0o755, exist_ok=True)
         _mount("--bind", str(holder), path)
+        subprocess.run(["umount", str(holder)], check=True)
+        holder.rmdir()
+    if kept:
+        aside.rmdir()
 
 
 def _paths(settings: dict[str, list[str]], keep: list[str]) -> None:
