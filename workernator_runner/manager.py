@@ -195,6 +195,7 @@ class JobManager:
                 self._load(jobs_dir / name)
         ended = sorted(self._finished.values(), key=lambda e: (e.ended_ns, e.id))
         self._finished = {e.id: e for e in ended}
+        self._ended_cache.clear()  # what an earlier open read: the files may have changed since
         self._order = sorted(
             [(e.created_ns, e.id) for e in ended]
             + [(j.request.created_ns, j.request.id) for j in self._jobs.values()]
