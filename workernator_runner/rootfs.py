@@ -22,6 +22,7 @@ the copy and detaches the old root: everything else of the host is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -159,8 +160,15 @@ def prepare(
     linux.mount("proc", f"{template}/proc", "proc", _SAFE)
     tmp = f"{template}/tmp"  # noqa: S108 - the job's own tmpfs
     linux.mount("tmpfs", tmp, "tmpfs", _SAFE, f"mode=1777,size={tmp_size_mb}m")
-    for path in tmp_binds:  # its directories above the code are root's, 0755
-        _bind_ro(path, template)
+    if tmp_binds:
+        tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for path in tmp_binds:  # its directories above the code are root's, 0755
+                _mount_point_in(tmp_fd, path.removeprefix(JOB_TMP + "/"), os.path.isdir(path))
+                linux.mount(path, f"{template}{path}", None, linux.MS_BIND)
+                linux.mount(None, f"{template}{path}", None, _RO_BIND)
+        finally:
+            os.close(tmp_fd)
     linux.mount(workspace, f"{template}/workspace", None, linux.MS_BIND)
     linux.mount(None, f"{template}/workspace", None, linux.MS_BIND | linux.MS_REMOUNT | _SAFE)
     linux.mount("tmpfs", f"{template}/etc", "tmpfs", _SAFE, f"mode=0755,size={ETC_SIZE}")
@@ -176,6 +184,32 @@ def prepare(
     linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
     linux.umount(".", linux.MNT_DETACH)  # ...and goes away, with every host mount under it
     os.chdir("/")
+
+
+def _mount_point_in(dir_fd: int, relative: str, is_dir: bool) -> None:
+    """Make ``relative`` (a directory, or a file) and what leads there inside the directory
+    ``dir_fd``, through descriptors: never anywhere else, whatever happens to the template's
+    mounts meanwhile (a state directory removed under a spare being prepared, say, would
+    otherwise get them made on the host's disk)."""
+    *parents, last = relative.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for name in parents:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+            inner = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = inner
+        if is_dir:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(last, 0o755, dir_fd=fd)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(last, flags, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
 
 
 def enter(etc: Mapping[str, str], egress: bool) -> None:
