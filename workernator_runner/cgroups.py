@@ -77,13 +77,17 @@ class Layout:
         return JobCgroup(self, name)
 
     def names(self) -> list[str]:
-        """The sandbox cgroups that exist now."""
-        first = next(iter(self.jobs.values()))
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(
-                e.name for e in os.scandir(first) if e.is_dir() and e.name.startswith(NAME_PREFIX)
-            )
-        return []
+        """The sandbox cgroups that exist now, in any hierarchy: one whose removal stopped
+        half-way (its monitor killed meanwhile) is still there in some of them."""
+        found: set[str] = set()
+        for parent in self.jobs.values():
+            with contextlib.suppress(FileNotFoundError):
+                found.update(
+                    e.name
+                    for e in os.scandir(parent)
+                    if e.is_dir() and e.name.startswith(NAME_PREFIX)
+                )
+        return sorted(found)
 
 
 @dataclass(frozen=True)

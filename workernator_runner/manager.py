@@ -284,7 +284,7 @@ class JobManager:
             return
         try:
             cgroup = self.cgroups.job(name)
-            if kill:
+            if kill and cgroup.populated():  # (a half-removed one may lack the freezer)
                 cgroup.kill()
                 cgroup.wait_empty(5.0)
             cgroup.remove()

@@ -367,3 +367,19 @@ def test_parse_size_refuses_garbage(text: str) -> None:
 )
 def test_format_size(size: int, text: str) -> None:
     assert format_size(size) == text
+
+
+def test_a_cgroup_left_in_some_hierarchies_only_is_listed_and_removed(tmp_path: Path) -> None:
+    """A monitor killed while it removed its cgroup leaves it in the hierarchies it had not
+    reached yet: the runner's start must still find it there (and remove the rest)."""
+    cgroup = _v1(tmp_path)
+    for controller in ("cpu", "cpuacct", "memory"):
+        shutil.rmtree(cgroup.dirs[controller])
+    layout = cgroup.layout
+    assert layout.names() == ["sb-1"]
+    for path in cgroup.dirs.values():  # the fake tree's files stand in for the kernel's
+        for entry in Path(path).glob("*") if Path(path).exists() else ():
+            entry.unlink()
+    assert not cgroup.populated()
+    cgroup.remove(0.1)
+    assert layout.names() == []
