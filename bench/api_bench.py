@@ -45,7 +45,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.model import Stream
-from tests.conftest import ROOT, Daemon, install_code, short_tmpdir, write_runner_config
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    build_wheels,
+    install_code,
+    short_tmpdir,
+    write_runner_config,
+)
 from tests.e2e.conftest import (
     API_USER,
     _free_port,
@@ -115,15 +122,8 @@ def api_python(user: str, tmp: Path) -> Path:
     if probe.returncode == 0:
         return Path(sys.executable)
     wheels = tmp / "wheels"
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(wheels)],
-        env=dict(os.environ, PYTHON=sys.executable),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if built.returncode != 0:
-        sys.exit(f"cannot build the project's wheels: {built.stdout}{built.stderr}")
+    if failure := build_wheels(wheels):
+        sys.exit(f"cannot build the project's wheels: {failure}")
     install_code(tmp / "venv", wheels)
     return tmp / "venv" / "bin" / "python"
 

@@ -66,20 +66,27 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def build_wheels(path: Path) -> str:
+    """Build this checkout's wheel and its dependencies' into ``path`` (what `make wheels`
+    makes: scripts/build_wheels.sh); "" when it worked, else what the script said."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(path)],
+        env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
 @pytest.fixture(scope="session")
 def wheelhouse() -> Iterator[Path]:
     """This checkout built as a wheel, with its dependencies' wheels: what `make wheels` makes
-    (scripts/build_wheels.sh) and deploy/install.sh installs from, offline."""
+    and deploy/install.sh installs from, offline."""
     path = short_tmpdir("wn-wheels-")
     try:
-        result = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(path)],
-            env=dict(os.environ, PYTHON=sys.executable),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        failure = build_wheels(path)
+        assert not failure, failure
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -60,6 +60,14 @@ def _fill(jobs: Path, leave: int) -> Path:
     return filler
 
 
+async def _noop_completes(client: RunnerClient) -> None:
+    """A noop job starts and runs to its end (so starts work again)."""
+    job = await client.start(*USER, "noop", {})
+    async for _ in client.tail(*USER, job.id):
+        pass
+    assert (await client.status(*USER, job.id)).state is JobState.COMPLETED
+
+
 def _job_dirs(jobs: Path) -> list[str]:
     return sorted(p.name for p in jobs.iterdir() if p.name != FILLER)
 
@@ -85,10 +93,7 @@ async def test_start_is_refused_below_the_reserve_and_resumes_when_space_is_free
         assert [j.id for j in await client.list_jobs(*USER)] == [running.id]
 
         filler.unlink()  # space is back: the next start runs, with no restart
-        job = await client.start(*USER, "noop", {})
-        async for _ in client.tail(*USER, job.id):
-            pass
-        assert (await client.status(*USER, job.id)).state is JobState.COMPLETED
+        await _noop_completes(client)
 
 
 async def test_a_running_job_whose_output_cannot_be_written_is_stopped_and_says_why(
@@ -119,10 +124,7 @@ async def test_a_running_job_whose_output_cannot_be_written_is_stopped_and_says_
         with pytest.raises(ResourceExhausted):  # full: no start
             await client.start(*USER, "noop", {})
         filler.unlink()
-        again = await client.start(*USER, "noop", {})
-        async for _ in client.tail(*USER, again.id):
-            pass
-        assert (await client.status(*USER, again.id)).state is JobState.COMPLETED
+        await _noop_completes(client)
 
 
 @pytest.fixture
@@ -160,7 +162,4 @@ async def test_start_is_refused_out_of_inodes_and_resumes_when_files_are_removed
         assert (await client.status(*USER, job.id)).state is JobState.COMPLETED
 
         shutil.rmtree(fillers)  # files removed: the next start runs, with no restart
-        again = await client.start(*USER, "noop", {})
-        async for _ in client.tail(*USER, again.id):
-            pass
-        assert (await client.status(*USER, again.id)).state is JobState.COMPLETED
+        await _noop_completes(client)
