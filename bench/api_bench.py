@@ -8,8 +8,10 @@ certificates, in a temporary directory, and measures over mTLS on loopback:
 - ``start``: StartJob of ``fib 3`` -> its first output line on a TailJobOutput, against
   ``bwrap --unshare-all ... /usr/bin/python3 -c 'print(1)'`` to its first line, interleaved;
 - ``status``: GetJobStatus with 50 concurrent callers against grpc's own Health/Check, same
-  channels, alternated. ``--pin`` puts the api on CPU 1 and everything else (client processes,
-  runner, launcher) on CPU 0, so that the client does not compete with the api for its core;
+  channels, alternated: of an ended job (final, so the api answers it from memory for a
+  second at a time, ``jobcache.py``) and of a running one (the runner is asked every time).
+  ``--pin`` puts the api on CPU 1 and everything else (client processes, runner, launcher) on
+  CPU 0, so that the client does not compete with the api for its core;
 - ``tail``: one tail of a 20 MB finished job through the api against the same tail read
   straight from the runner socket (``RunnerClient``), alternated, in lines per second;
 - ``fanout``: 100 concurrent tails of that job: first byte p50, all identical and complete,
@@ -81,6 +83,9 @@ RECORD_BYTES = 64 * 1024  # the most a monitor puts in one record
 CALLERS = 50
 TAILS = 100
 SECONDS = 2.0  # of each status / health phase
+SLOW_FIB = pb.StartJobRequest(
+    fib=pb.FibArgs(position=1_000_000), limits=pb.ResourceLimits(cpu_millis=10)
+)
 
 
 # --- the stack --------------------------------------------------------------------------------
@@ -311,45 +316,68 @@ def rates(s: Stack, job_id: str, kind: str, processes: int, cpus: list[int] | No
 async def bench_status(s: Stack, rounds: int, pinned: bool) -> dict[str, float]:
     async with s.channel() as channel:
         stub: Any = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
-        job = (await stub.StartJob(pb.StartJobRequest())).job
+        ended = (await stub.StartJob(pb.StartJobRequest())).job
+        setups: list[tuple[str, int, list[int] | None]] = [
+            ("same cores, 1 client process", 1, None)
+        ]
+        if pinned:
+            setups.append(("api on CPU 1, 2 client processes + runner on CPU 0", 2, [0]))
+        results: dict[str, float] = {}
+        for setup in setups:
+            # Running for minutes at 1% of a CPU: the largest fib, 0.7 s of CPU time.
+            running = (await stub.StartJob(SLOW_FIB)).job
+            try:
+                results |= await _status_rates(s, rounds, setup, ended.id, running.id)
+            finally:
+                await stub.StopJob(pb.StopJobRequest(job_id=running.id))
+        return results
+
+
+async def _status_rates(
+    s: Stack, rounds: int, setup: tuple[str, int, list[int] | None], ended: str, running: str
+) -> dict[str, float]:
+    """GetJobStatus of an ended job (its status is final: the api may answer it from memory),
+    of a running one (the runner is asked each time), and Health/Check, alternated."""
     results: dict[str, float] = {}
-    setups: list[tuple[str, int, list[int] | None]] = [("same cores, 1 client process", 1, None)]
-    if pinned:
-        setups.append(("api on CPU 1, 2 client processes + runner on CPU 0", 2, [0]))
-    for name, processes, cpus in setups:
-        if cpus:
-            pin(s.api.pid, {1})
-            pin_tree(s.runner.pid, {0})
-        status: list[float] = []
-        health: list[float] = []
-        for n in range(rounds):
-            for kind in ("status", "health") if n % 2 else ("health", "status"):
-                rate = await asyncio.to_thread(rates, s, job.id, kind, processes, cpus)
-                (status if kind == "status" else health).append(rate)
-        if cpus:
-            pin(s.api.pid, {0, 1})
-            pin_tree(s.runner.pid, {0, 1})
-        ratio = p50(status) / p50(health)
+    name, processes, cpus = setup
+    calls = {"ended": ("status", ended), "running": ("status", running), "health": ("health", "")}
+    if cpus:
+        pin(s.api.pid, {1})
+        pin_tree(s.runner.pid, {0})
+    rate: dict[str, list[float]] = {which: [] for which in calls}
+    for n in range(rounds):
+        order = list(calls) if n % 2 else list(calls)[::-1]
+        for which in order:
+            kind, job_id = calls[which]
+            got = await asyncio.to_thread(rates, s, job_id or ended, kind, processes, cpus)
+            rate[which].append(got)
+    if cpus:
+        pin(s.api.pid, {0, 1})
+        pin_tree(s.runner.pid, {0, 1})
+    health = p50(rate["health"])
+    print(
+        f"\n{CALLERS} concurrent callers, {name}, {rounds} rounds of {SECONDS:g} s, load {load()}"
+    )
+    labels = {
+        "ended": "GetJobStatus, ended job",
+        "running": "GetJobStatus, running job",
+        "health": "Health/Check",
+    }
+    for which, label in labels.items():
+        rounds_text = ", ".join(f"{r:.0f}" for r in rate[which])
+        print(f"  {label:26s} {p50(rate[which]):7.0f} calls/s   (rounds: {rounds_text})")
+    for which in ("ended", "running"):
+        ratio = p50(rate[which]) / health
         print(
-            f"\n{CALLERS} concurrent callers, {name}, {rounds} rounds of {SECONDS:g} s, "
-            f"load {load()}"
-        )
-        print(
-            f"  GetJobStatus  {p50(status):7.0f} calls/s   (rounds: "
-            f"{', '.join(f'{r:.0f}' for r in status)})"
-        )
-        print(
-            f"  Health/Check  {p50(health):7.0f} calls/s   (rounds: "
-            f"{', '.join(f'{r:.0f}' for r in health)})"
-        )
-        print(
-            f"  GetJobStatus / Health = {ratio:.2f}x (target >= 0.8x: "
+            f"  {labels[which]} / Health = {ratio:.2f}x (target >= 0.8x: "
             f"{'MET' if ratio >= 0.8 else 'NOT MET'})"
         )
-        if cpus:
-            print(f"  GetJobStatus >= 5000 calls/s: {'MET' if p50(status) >= 5000 else 'NOT MET'}")
-        key = "pinned" if cpus else "shared"
-        results |= {f"{key}_status": p50(status), f"{key}_health": p50(health)}
+    if cpus:
+        for which in ("ended", "running"):
+            met = "MET" if p50(rate[which]) >= 5000 else "NOT MET"
+            print(f"  {labels[which]} >= 5000 calls/s: {met}")
+    key = "pinned" if cpus else "shared"
+    results |= {f"{key}_{which}": p50(values) for which, values in rate.items()}
     return results
 
 

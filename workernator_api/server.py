@@ -2,7 +2,8 @@
 
 It terminates mTLS, takes the caller's identity from the client certificate (CN = user,
 O = role), authorizes every call, validates typed arguments with the shared job catalog, and
-forwards the request to the runner over its Unix socket. It holds no job state.
+forwards the request to the runner over its Unix socket. It holds no job state: it remembers
+for a few seconds only what cannot change (``jobcache.py``: owners, and ended jobs' statuses).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from shared import catalog, ids, log, service
 from shared.errors import ErrorCode, InvalidArgument, NotFound, WorkernatorError
 from shared.model import JobState, JobStatus, OutputChunk
 from shared.protocol import MAX_ID, MAX_NAME, MAX_TAIL_LINES
-from workernator_api import authz, certs, convert, drain, fanout, memory
+from workernator_api import authz, certs, convert, drain, fanout, jobcache, memory
 from workernator_api import config as config_mod
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
@@ -221,6 +222,7 @@ class JobService(pb_grpc.JobServiceServicer):
         )
         self.hub = fanout.Hub(self._follow, self.streams)
         self.trimmer = memory.Trimmer()  # memory back to the system after bursts of output
+        self.jobs = jobcache.JobCache()  # owners, and ended jobs' statuses, for a few seconds
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -319,14 +321,19 @@ class JobService(pb_grpc.JobServiceServicer):
         request: Message,
         action: Callable[[authz.Identity, RunnerClient], Awaitable[T]],
         seconds: float | None = None,
+        known: Callable[[authz.Identity], T | None] | None = None,
     ) -> T:
-        """Check the request's size, authenticate, run ``action`` against the runner within
-        ``seconds`` (default :data:`UNARY_TIMEOUT_SECONDS`), and map every error to a status."""
+        """Check the request's size, authenticate, answer with ``known`` when it knows the
+        answer without the runner, else run ``action`` against the runner within ``seconds``
+        (default :data:`UNARY_TIMEOUT_SECONDS`); map every error to a status."""
         try:
             with self.drain.admitted():
                 _check_size(request)
+                identity = identity_of(context, self.tls)
+                if known is not None and (answer := known(identity)) is not None:
+                    return answer
                 limit = UNARY_TIMEOUT_SECONDS if seconds is None else seconds
-                return await self._unary(identity_of(context, self.tls), action, limit)
+                return await self._unary(identity, action, limit)
         except Exception as exc:
             await _abort(context, exc)
 
@@ -339,18 +346,55 @@ class JobService(pb_grpc.JobServiceServicer):
             )
 
     @staticmethod
+    def _may_name(identity: authz.Identity, action: authz.Action, job_id: str) -> None:
+        """The checks that need no job: the role's, and the id's form (a malformed id cannot
+        name a job; the runner need not be asked)."""
+        JobService._require(identity, action)
+        if not ids.is_job_id(job_id):
+            raise NotFound(f"job {job_id!r} not found")
+
+    @staticmethod
+    def _may_touch(
+        identity: authz.Identity, action: authz.Action, job_id: str, owner: str, job_type: str
+    ) -> None:
+        """Another user's job, or one of a type the api does not offer (extra runner job
+        modules), answers exactly as a job that does not exist."""
+        if job_type not in convert.JOB_TYPES or not authz.may_touch(identity, action, owner):
+            raise NotFound(f"job {job_id!r} not found")
+
     async def _owned_job(
-        runner: RunnerClient, identity: authz.Identity, action: authz.Action, job_id: str
+        self, runner: RunnerClient, identity: authz.Identity, action: authz.Action, job_id: str
     ) -> JobStatus:
         """The job, if ``identity`` may do ``action`` on it; otherwise it does not exist."""
-        JobService._require(identity, action)
-        if not ids.is_job_id(job_id):  # cannot name a job; the runner need not be asked
-            raise NotFound(f"job {job_id!r} not found")
+        self._may_name(identity, action, job_id)
+        epoch = self.jobs.epoch()
         job = await runner.status(identity.user, identity.role, job_id)
-        # Jobs of types the api does not offer (extra runner job modules) do not exist here.
-        if job.type not in convert.JOB_TYPES or not authz.may_touch(identity, action, job.owner):
-            raise NotFound(f"job {job_id!r} not found")
+        self.jobs.remember(job, epoch)
+        self._may_touch(identity, action, job_id, job.owner, job.type)
         return job
+
+    def _known_final(self, identity: authz.Identity, job_id: str) -> JobStatus | None:
+        """The status of an ended job ``identity`` may read, if the api has it (jobcache.py)."""
+        self._may_name(identity, authz.Action.READ, job_id)
+        job = self.jobs.final(job_id)
+        if job is not None:
+            self._may_touch(identity, authz.Action.READ, job_id, job.owner, job.type)
+        return job
+
+    async def _authorize_tail(self, identity: authz.Identity, job_id: str) -> None:
+        """May ``identity`` read the job's output? From its remembered owner when the api saw
+        the job lately (a tail right after StartJob, or many tails of one job), else from the
+        runner's answer."""
+        self._may_name(identity, authz.Action.READ, job_id)
+        known = self.jobs.owner(job_id)
+        if known is not None:
+            self._may_touch(identity, authz.Action.READ, job_id, *known)
+            return
+        await self._unary(
+            identity,
+            lambda identity, runner: self._owned_job(runner, identity, authz.Action.READ, job_id),
+            UNARY_TIMEOUT_SECONDS,
+        )
 
     # --- rpcs ---------------------------------------------------------------------------------
 
@@ -364,6 +408,7 @@ class JobService(pb_grpc.JobServiceServicer):
             clean = spec.validate(args)  # precise errors here, before the runner is asked
             limits = convert.start_request_limits(request)  # the runner checks its maxima
             job = await runner.start(identity.user, identity.role, job_type, clean, limits)
+            self.jobs.remember(job)
             log.job("job started", job, by=identity.user)
             return pb.StartJobResponse(job=convert.job_status(job, spec.title))
 
@@ -375,6 +420,7 @@ class JobService(pb_grpc.JobServiceServicer):
         async def stop(identity: authz.Identity, runner: RunnerClient) -> pb.StopJobResponse:
             await self._owned_job(runner, identity, authz.Action.STOP, request.job_id)
             job = await runner.stop(identity.user, identity.role, request.job_id)
+            self.jobs.remember(job)
             log.job("job stopped", job, by=identity.user)
             return pb.StopJobResponse(job=_status(job))
 
@@ -386,6 +432,7 @@ class JobService(pb_grpc.JobServiceServicer):
         async def delete(identity: authz.Identity, runner: RunnerClient) -> pb.DeleteJobResponse:
             await self._owned_job(runner, identity, authz.Action.DELETE, request.job_id)
             job = await runner.delete(identity.user, identity.role, request.job_id)
+            self.jobs.forget(request.job_id)
             log.job("job deleted", job, by=identity.user)
             return pb.DeleteJobResponse(job=_status(job))
 
@@ -398,7 +445,11 @@ class JobService(pb_grpc.JobServiceServicer):
             job = await self._owned_job(runner, identity, authz.Action.READ, request.job_id)
             return pb.GetJobStatusResponse(job=_status(job))
 
-        return await self._call(context, request, status)
+        def final(identity: authz.Identity) -> pb.GetJobStatusResponse | None:
+            job = self._known_final(identity, request.job_id)
+            return None if job is None else pb.GetJobStatusResponse(job=_status(job))
+
+        return await self._call(context, request, status, known=final)
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -461,13 +512,7 @@ class JobService(pb_grpc.JobServiceServicer):
             identity = identity_of(context, self.tls)
             offset, last = _tail_start(request)
             with self.drain.admitted(), self.tails.hold(identity.user):
-                await self._unary(
-                    identity,
-                    lambda identity, runner: self._owned_job(
-                        runner, identity, authz.Action.READ, request.job_id
-                    ),
-                    UNARY_TIMEOUT_SECONDS,
-                )
+                await self._authorize_tail(identity, request.job_id)
                 self.trimmer.opened()
                 try:
                     responses = self._tail(identity, request, offset, last)

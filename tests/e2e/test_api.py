@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import pwd
 import shutil
+import signal
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from shared.errors import NotFound
 from shared.model import JobState
 from tests import pki
 from tests.e2e.conftest import API_USER, Stack, channel
-from workernator_api import certs
+from workernator_api import certs, jobcache
 from workernator_api._proto.workernator.v1 import workernator_pb2 as pb
 from workernator_api._proto.workernator.v1 import workernator_pb2_grpc as pb_grpc
 from workernator_api.runner_client import RunnerClient
@@ -470,6 +474,76 @@ async def test_jobs_of_types_the_api_does_not_offer_do_not_exist_through_it(
     finally:
         async with RunnerClient(stack.runner_socket) as runner:
             await runner.stop("root", "admin", probe.id)
+
+
+@contextlib.contextmanager
+def _runner_paused(stack: Stack) -> Iterator[None]:
+    """The test's own runner stopped (SIGSTOP) meanwhile: whatever needs it waits."""
+    assert stack.runner.process is not None
+    pid = stack.runner.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def _ended(client: Client, job_id: str) -> pb.JobStatus:
+    for _ in range(500):
+        job = await client.status(job_id)
+        if job.state != pb.JOB_STATE_RUNNING:
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+async def test_what_the_api_remembers_of_jobs_is_what_cannot_change(
+    stack: Stack, clients: dict[str, Client]
+) -> None:
+    """Ended statuses and owners are answered without the runner (jobcache.py); a running job's
+    status always comes from the runner; others' jobs stay invisible; a delete is seen at once."""
+    alice, bob, carol, admin = (clients[u] for u in ("alice", "bob", "carol", "admin"))
+    done = await _ended(alice, (await alice.start(noop=pb.NoopArgs())).id)
+    running = await alice.start(
+        wait=pb.WaitArgs(seconds=Duration(seconds=30), url="http://127.0.0.1:9/")
+    )
+    try:
+        for _attempt in range(5):
+            fetched = time.monotonic()
+            await alice.status(done.id)  # fresh, or remembered within FINAL_SECONDS
+            with _runner_paused(stack):
+                try:
+                    again = await alice.stub.GetJobStatus(
+                        pb.GetJobStatusRequest(job_id=done.id), timeout=0.5
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    # Only a status older than FINAL_SECONDS may need the runner (a slow host).
+                    assert exc.code() == Code.DEADLINE_EXCEEDED
+                    assert time.monotonic() - fetched > jobcache.FINAL_SECONDS
+                    continue
+                assert again.job == done
+                assert await _code(bob.status(done.id)) == Code.NOT_FOUND  # not his, remembered
+                # The owner of a job seen lately decides a tail without the runner.
+                assert await _code(bob.tail(running.id, follow=True)) == Code.NOT_FOUND
+                # A running job's status is the runner's, now: it waits for the runner.
+                assert (
+                    await _code(
+                        alice.stub.GetJobStatus(
+                            pb.GetJobStatusRequest(job_id=running.id), timeout=0.3
+                        )
+                    )
+                    == Code.DEADLINE_EXCEEDED
+                )
+            break
+        else:
+            raise AssertionError("the host was too slow five times in a row")
+        assert (await carol.status(done.id)) == done  # a viewer sees every job
+        assert (await alice.status(done.id)) == done
+        assert (await admin.delete(done.id)).id == done.id
+        assert await _code(alice.status(done.id)) == Code.NOT_FOUND  # forgotten at once
+        assert await _code(carol.tail(done.id, follow=False)) == Code.NOT_FOUND
+    finally:
+        await alice.stop(running.id)
 
 
 async def _health(stack: Stack, user: str) -> int:
