@@ -2,8 +2,8 @@
 
 It terminates mTLS, takes the caller's identity from the client certificate (CN = user,
 O = role), authorizes every call, validates typed arguments with the shared job catalog, and
-forwards the request to the runner over its Unix socket. It holds no job state: it remembers
-for a few seconds only what cannot change (``jobcache.py``: owners, and ended jobs' statuses).
+forwards the request to the runner over its Unix socket. It holds no job state; it only
+remembers, briefly, what cannot change (``jobcache.py``: owners, and ended jobs' statuses).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class JobService(pb_grpc.JobServiceServicer):
         )
         self.hub = fanout.Hub(self._follow, self.streams)
         self.trimmer = memory.Trimmer()  # memory back to the system after bursts of output
-        self.jobs = jobcache.JobCache()  # owners, and ended jobs' statuses, for a few seconds
+        self.jobs = jobcache.JobCache()  # owners (60 s) and ended jobs' statuses (1 s)
 
     # --- the runner connection ----------------------------------------------------------------
 
@@ -346,53 +346,47 @@ class JobService(pb_grpc.JobServiceServicer):
             )
 
     @staticmethod
-    def _may_name(identity: authz.Identity, action: authz.Action, job_id: str) -> None:
-        """The checks that need no job: the role's, and the id's form (a malformed id cannot
-        name a job; the runner need not be asked)."""
-        JobService._require(identity, action)
-        if not ids.is_job_id(job_id):
-            raise NotFound(f"job {job_id!r} not found")
-
-    @staticmethod
     def _may_touch(
-        identity: authz.Identity, action: authz.Action, job_id: str, owner: str, job_type: str
-    ) -> None:
-        """Another user's job, or one of a type the api does not offer (extra runner job
-        modules), answers exactly as a job that does not exist."""
-        if job_type not in convert.JOB_TYPES or not authz.may_touch(identity, action, owner):
-            raise NotFound(f"job {job_id!r} not found")
+        identity: authz.Identity, action: authz.Action, owner: str, job_type: str
+    ) -> bool:
+        """Jobs of types the api does not offer (extra runner job modules) do not exist here."""
+        return job_type in convert.JOB_TYPES and authz.may_touch(identity, action, owner)
 
     async def _owned_job(
         self, runner: RunnerClient, identity: authz.Identity, action: authz.Action, job_id: str
     ) -> JobStatus:
         """The job, if ``identity`` may do ``action`` on it; otherwise it does not exist."""
-        self._may_name(identity, action, job_id)
+        self._require(identity, action)
+        if not ids.is_job_id(job_id):  # cannot name a job; the runner need not be asked
+            raise NotFound(f"job {job_id!r} not found")
         epoch = self.jobs.epoch()
         job = await runner.status(identity.user, identity.role, job_id)
         self.jobs.remember(job, epoch)
-        self._may_touch(identity, action, job_id, job.owner, job.type)
+        if not self._may_touch(identity, action, job.owner, job.type):
+            raise NotFound(f"job {job_id!r} not found")
         return job
 
+    # What the api remembers (jobcache.py) only ever allows: a call it would refuse, a job it
+    # does not know and a malformed id all take the runner's path, so that another user's job
+    # answers exactly as a missing one does (the same code, the same limits, the same wait).
+
     def _known_final(self, identity: authz.Identity, job_id: str) -> JobStatus | None:
-        """The status of an ended job ``identity`` may read, if the api has it (jobcache.py)."""
-        self._may_name(identity, authz.Action.READ, job_id)
+        """The status of an ended job ``identity`` may read, when the api has it."""
         job = self.jobs.final(job_id)
-        if job is not None:
-            self._may_touch(identity, authz.Action.READ, job_id, job.owner, job.type)
+        if job is None or not self._may_touch(identity, authz.Action.READ, job.owner, job.type):
+            return None
         return job
 
     async def _authorize_tail(self, identity: authz.Identity, job_id: str) -> None:
-        """May ``identity`` read the job's output? From its remembered owner when the api saw
-        the job lately (a tail right after StartJob, or many tails of one job), else from the
+        """May ``identity`` read the job's output? From the owner the api remembers of a job it
+        saw lately (a tail right after StartJob, or many tails of one job), else from the
         runner's answer."""
-        self._may_name(identity, authz.Action.READ, job_id)
         known = self.jobs.owner(job_id)
-        if known is not None:
-            self._may_touch(identity, authz.Action.READ, job_id, *known)
+        if known is not None and self._may_touch(identity, authz.Action.READ, *known):
             return
         await self._unary(
             identity,
-            lambda identity, runner: self._owned_job(runner, identity, authz.Action.READ, job_id),
+            lambda caller, runner: self._owned_job(runner, caller, authz.Action.READ, job_id),
             UNARY_TIMEOUT_SECONDS,
         )
 
@@ -407,8 +401,9 @@ class JobService(pb_grpc.JobServiceServicer):
             spec = catalog.BUILTIN[job_type]
             clean = spec.validate(args)  # precise errors here, before the runner is asked
             limits = convert.start_request_limits(request)  # the runner checks its maxima
+            epoch = self.jobs.epoch()
             job = await runner.start(identity.user, identity.role, job_type, clean, limits)
-            self.jobs.remember(job)
+            self.jobs.remember(job, epoch)
             log.job("job started", job, by=identity.user)
             return pb.StartJobResponse(job=convert.job_status(job, spec.title))
 
@@ -419,8 +414,9 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> pb.StopJobResponse:
         async def stop(identity: authz.Identity, runner: RunnerClient) -> pb.StopJobResponse:
             await self._owned_job(runner, identity, authz.Action.STOP, request.job_id)
+            epoch = self.jobs.epoch()
             job = await runner.stop(identity.user, identity.role, request.job_id)
-            self.jobs.remember(job)
+            self.jobs.remember(job, epoch)
             log.job("job stopped", job, by=identity.user)
             return pb.StopJobResponse(job=_status(job))
 
@@ -431,8 +427,13 @@ class JobService(pb_grpc.JobServiceServicer):
     ) -> pb.DeleteJobResponse:
         async def delete(identity: authz.Identity, runner: RunnerClient) -> pb.DeleteJobResponse:
             await self._owned_job(runner, identity, authz.Action.DELETE, request.job_id)
-            job = await runner.delete(identity.user, identity.role, request.job_id)
+            # Forgotten before the runner is asked, and again after: a delete whose caller
+            # left (a deadline, a cancel) may still be carried out by the runner.
             self.jobs.forget(request.job_id)
+            try:
+                job = await runner.delete(identity.user, identity.role, request.job_id)
+            finally:
+                self.jobs.forget(request.job_id)
             log.job("job deleted", job, by=identity.user)
             return pb.DeleteJobResponse(job=_status(job))
 

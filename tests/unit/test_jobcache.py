@@ -24,7 +24,7 @@ def test_an_ended_status_is_kept_for_final_seconds_and_an_owner_longer() -> None
     clock = Clock()
     cache = JobCache(clock=clock)
     job = _job()
-    cache.remember(job)
+    cache.remember(job, cache.epoch())
     assert cache.final(job.id) is job and cache.owner(job.id) == ("alice", "noop")
     clock.now += FINAL_SECONDS + 0.01
     assert cache.final(job.id) is None
@@ -37,18 +37,18 @@ def test_an_ended_status_is_kept_for_final_seconds_and_an_owner_longer() -> None
 def test_a_running_status_is_never_final_but_names_its_owner() -> None:
     cache = JobCache(clock=Clock())
     running = _job(state=JobState.RUNNING)
-    cache.remember(running)
+    cache.remember(running, cache.epoch())
     assert cache.final(running.id) is None
     assert cache.owner(running.id) == ("alice", "noop")
     ended = replace(running, state=JobState.STOPPED)
-    cache.remember(ended)
+    cache.remember(ended, cache.epoch())
     assert cache.final(running.id) is ended
 
 
 def test_a_forgotten_job_is_not_remembered_from_an_answer_older_than_the_forget() -> None:
     cache = JobCache(clock=Clock())
     job = _job()
-    cache.remember(job)
+    cache.remember(job, cache.epoch())
     epoch = cache.epoch()  # a status request goes out...
     cache.forget(job.id)  # ...the job is deleted meanwhile...
     cache.remember(job, epoch)  # ...and the old answer comes back
@@ -60,9 +60,9 @@ def test_a_forgotten_job_is_not_remembered_from_an_answer_older_than_the_forget(
 def test_the_cache_is_bounded_and_drops_the_least_recently_remembered() -> None:
     cache = JobCache(size=3, clock=Clock())
     for n in range(5):
-        cache.remember(_job(f"JOB00{n}"))
-    cache.remember(_job("JOB002"))  # remembered again: now the newest
-    cache.remember(_job("JOB005"))
+        cache.remember(_job(f"JOB00{n}"), cache.epoch())
+    cache.remember(_job("JOB002"), cache.epoch())  # remembered again: now the newest
+    cache.remember(_job("JOB005"), cache.epoch())
     assert len(cache) == 3
     assert [cache.owner(f"JOB00{n}") is not None for n in range(6)] == [
         False,
