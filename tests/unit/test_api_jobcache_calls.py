@@ -79,6 +79,17 @@ def api() -> Iterator[tuple[server.JobService, Runner]]:
         yield service, runner
 
 
+@pytest.fixture
+async def remembered(
+    api: tuple[server.JobService, Runner],
+) -> tuple[server.JobService, Runner]:
+    """The api with alice's ended job ALICE1, which it has just asked the runner about."""
+    service, runner = api
+    runner.add("ALICE1", "alice")
+    assert await _status(service, "ALICE1", "alice") == "JOB_STATE_COMPLETED"
+    return service, runner
+
+
 async def _status(service: server.JobService, job_id: str, user: str, role: str = "user") -> str:
     """The outcome of GetJobStatus: the job's state, or the status code it was refused with."""
     try:
@@ -100,11 +111,9 @@ async def _tail_allowed(service: server.JobService, job_id: str, user: str) -> s
 
 
 async def test_an_ended_status_and_an_owner_are_answered_without_the_runner(
-    api: tuple[server.JobService, Runner],
+    remembered: tuple[server.JobService, Runner],
 ) -> None:
-    service, runner = api
-    runner.add("ALICE1", "alice")
-    assert await _status(service, "ALICE1", "alice") == "JOB_STATE_COMPLETED"
+    service, runner = remembered
     runner.down = True
     asked = runner.asked
     assert await _status(service, "ALICE1", "alice") == "JOB_STATE_COMPLETED"
@@ -124,11 +133,9 @@ async def test_a_running_status_always_comes_from_the_runner(
 
 
 async def test_another_users_remembered_job_answers_exactly_as_a_missing_one(
-    api: tuple[server.JobService, Runner],
+    remembered: tuple[server.JobService, Runner],
 ) -> None:
-    service, runner = api
-    runner.add("ALICE1", "alice")
-    assert await _status(service, "ALICE1", "alice") == "JOB_STATE_COMPLETED"  # remembered
+    service, runner = remembered
     assert await _status(service, "ALICE1", "bob") == "NOT_FOUND"
     assert await _status(service, "NOJOB1", "bob") == "NOT_FOUND"
     assert await _tail_allowed(service, "ALICE1", "bob") == "NotFound"
@@ -139,11 +146,9 @@ async def test_another_users_remembered_job_answers_exactly_as_a_missing_one(
 
 
 async def test_a_delete_the_runner_carried_out_is_forgotten_though_its_caller_left(
-    api: tuple[server.JobService, Runner],
+    remembered: tuple[server.JobService, Runner],
 ) -> None:
-    service, runner = api
-    runner.add("ALICE1", "alice")
-    assert await _status(service, "ALICE1", "alice") == "JOB_STATE_COMPLETED"
+    service, runner = remembered
     delete = asyncio.create_task(
         service.DeleteJob(
             pb.DeleteJobRequest(job_id="ALICE1"),
